@@ -1,0 +1,186 @@
+//! The bounded buffer between one sender and its receivers: one write position, one read
+//! cursor per receiver. The slowest live receiver alone decides how much space is free,
+//! so memory never grows past the capacity, however large the body or slow a receiver.
+
+/// A ring of `capacity` bytes with absolute (never wrapping) positions.
+#[derive(Debug)]
+pub struct Broadcast {
+    buf: Vec<u8>,
+    /// Bytes ever written.
+    head: u64,
+    /// Each receiver's position; `None` once it has gone.
+    cursors: Vec<Option<u64>>,
+}
+
+impl Broadcast {
+    pub fn new(capacity: usize, receivers: usize) -> Self {
+        Broadcast {
+            buf: vec![0; capacity.max(1)],
+            head: 0,
+            cursors: vec![Some(0); receivers],
+        }
+    }
+
+    /// Bytes ever written.
+    pub fn written(&self) -> u64 {
+        self.head
+    }
+
+    /// The position of the slowest live receiver; `head` if none is left.
+    fn tail(&self) -> u64 {
+        self.cursors.iter().flatten().copied().min().unwrap_or(self.head)
+    }
+
+    /// Bytes held for the slowest live receiver.
+    pub fn buffered(&self) -> usize {
+        (self.head - self.tail()) as usize
+    }
+
+    /// The contiguous free space at the write position; empty when the slowest is a
+    /// whole buffer behind.
+    pub fn writable(&mut self) -> &mut [u8] {
+        let cap = self.buf.len();
+        let free = cap - self.buffered();
+        let at = (self.head % cap as u64) as usize;
+        let end = at + free.min(cap - at);
+        &mut self.buf[at..end]
+    }
+
+    /// How many bytes [`Self::writable`] would offer.
+    pub fn writable_len(&self) -> usize {
+        let cap = self.buf.len();
+        let at = (self.head % cap as u64) as usize;
+        (cap - self.buffered()).min(cap - at)
+    }
+
+    /// Records `n` bytes written into [`Self::writable`].
+    pub fn commit(&mut self, n: usize) {
+        debug_assert!(n <= self.writable_len());
+        self.head += n.min(self.writable_len()) as u64;
+    }
+
+    /// Copies `data` in; returns how much fit.
+    pub fn push(&mut self, data: &[u8]) -> usize {
+        let mut done = 0;
+        while done < data.len() {
+            let space = self.writable();
+            let k = space.len().min(data.len() - done);
+            if k == 0 {
+                break;
+            }
+            space[..k].copy_from_slice(&data[done..done + k]);
+            self.commit(k);
+            done += k;
+        }
+        done
+    }
+
+    /// Receiver `r`'s position (bytes it has consumed).
+    pub fn position(&self, r: usize) -> Option<u64> {
+        self.cursors.get(r).copied().flatten()
+    }
+
+    /// The bytes receiver `r` has not consumed, as one or two slices, at most `limit` long.
+    pub fn readable(&self, r: usize, limit: u64) -> (&[u8], &[u8]) {
+        let Some(pos) = self.position(r) else {
+            return (&[], &[]);
+        };
+        let cap = self.buf.len();
+        let len = (self.head - pos).min(limit) as usize;
+        let at = (pos % cap as u64) as usize;
+        let first = len.min(cap - at);
+        (&self.buf[at..at + first], &self.buf[..len - first])
+    }
+
+    /// Receiver `r` consumed `n` more bytes.
+    pub fn consume(&mut self, r: usize, n: u64) {
+        if let Some(Some(pos)) = self.cursors.get_mut(r) {
+            *pos = (*pos + n).min(self.head);
+        }
+    }
+
+    /// Receiver `r` is gone: it no longer holds the sender back.
+    pub fn remove(&mut self, r: usize) {
+        if let Some(c) = self.cursors.get_mut(r) {
+            *c = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn slowest_receiver_gates_the_writer() {
+        let mut b = Broadcast::new(8, 2);
+        assert_eq!(b.push(b"abcdefghij"), 8);
+        assert_eq!(b.writable_len(), 0);
+        b.consume(0, 8);
+        assert_eq!(b.writable_len(), 0);
+        b.consume(1, 3);
+        assert_eq!(b.push(b"XYZW"), 3);
+        assert_eq!(b.readable(1, u64::MAX), (&b"defgh"[..], &b"XYZ"[..]));
+        b.remove(1);
+        assert_eq!(b.buffered(), 3);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(usize),
+        Read(usize, usize),
+        Leave(usize),
+    }
+
+    fn op(receivers: usize) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (1usize..300).prop_map(Op::Push),
+            (0..receivers, 1usize..300).prop_map(|(r, n)| Op::Read(r, n)),
+            (0..receivers).prop_map(Op::Leave),
+        ]
+    }
+
+    proptest! {
+        /// Against a model where each receiver is a Vec: every live receiver's output is
+        /// a prefix of the stream, the buffer stays bounded, and only live receivers gate.
+        #[test]
+        fn matches_a_model(cap in 1usize..200, ops in prop::collection::vec(op(4), 1..200)) {
+            let mut b = Broadcast::new(cap, 4);
+            let mut stream: Vec<u8> = Vec::new();
+            let mut got: Vec<Vec<u8>> = vec![Vec::new(); 4];
+            let mut live = [true; 4];
+            let mut next = 0u8;
+            for op in ops {
+                match op {
+                    Op::Push(n) => {
+                        let data: Vec<u8> = (0..n).map(|_| { next = next.wrapping_add(1); next }).collect();
+                        // With nobody left, nothing is held and every byte fits.
+                        let room = (0..4).filter(|&r| live[r]).map(|r| got[r].len()).min()
+                            .map_or(n, |slowest| cap - (stream.len() - slowest));
+                        let k = b.push(&data);
+                        prop_assert_eq!(k, n.min(room));
+                        stream.extend_from_slice(&data[..k]);
+                    }
+                    Op::Read(r, n) => {
+                        let (a, c) = b.readable(r, n as u64);
+                        let mut chunk = a.to_vec();
+                        chunk.extend_from_slice(c);
+                        if live[r] {
+                            prop_assert_eq!(chunk.len(), n.min(stream.len() - got[r].len()));
+                        } else {
+                            prop_assert!(chunk.is_empty());
+                        }
+                        b.consume(r, chunk.len() as u64);
+                        got[r].extend_from_slice(&chunk);
+                    }
+                    Op::Leave(r) => { b.remove(r); live[r] = false; }
+                }
+                prop_assert!(b.buffered() <= cap);
+                for r in 0..4 {
+                    prop_assert_eq!(&got[r][..], &stream[..got[r].len()]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Limits and sizes. Every one is a command-line flag of the server.
+
+use std::time::Duration;
+
+/// What the core needs to know of the operator's choices.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest `n` a pipe may ask for.
+    pub max_receivers: usize,
+    /// Bytes a pipe holds between its sender and its slowest receiver.
+    pub buffer_size: usize,
+    /// Largest request line (method, target, version); past it: `414`.
+    pub max_request_line: usize,
+    /// Largest request head; past it: `431`.
+    pub max_head_size: usize,
+    /// Most header fields in one request; past it: `431`.
+    pub max_headers: usize,
+    /// Time a client has to send a whole head once it has started (slow-loris).
+    pub head_timeout: Duration,
+    /// Time an idle keep-alive connection is kept open.
+    pub keepalive_timeout: Duration,
+    /// Time a response write may stall before the connection is dropped.
+    pub write_timeout: Duration,
+    /// Time given to a client to read our error before its connection is closed.
+    pub linger_timeout: Duration,
+    /// How often a waiting receiver that half-closed is probed to see if it is still there.
+    pub probe_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_receivers: 1000,
+            buffer_size: 1 << 20,
+            max_request_line: 8 * 1024,
+            max_head_size: 32 * 1024,
+            max_headers: 100,
+            head_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
+            linger_timeout: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Smallest buffer a pipe may be given: a chunk header and some data must fit.
+pub const MIN_BUFFER_SIZE: usize = 4096;

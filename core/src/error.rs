@@ -1,0 +1,119 @@
+//! Why a request is refused, and the HTTP status each refusal maps to.
+
+use std::fmt;
+
+/// A request the server will not serve. Each variant knows its status and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// The head is not valid HTTP/1.1 (RFC 9112); the text says what was wrong.
+    Malformed(&'static str),
+    /// The request line is longer than the server accepts.
+    UriTooLong,
+    /// The head or its header count is larger than the server accepts.
+    HeadTooLarge,
+    /// An HTTP version other than 1.0 or 1.1.
+    Version,
+    /// A transfer coding other than `chunked`.
+    Coding,
+    /// An `Expect` other than `100-continue`.
+    Expectation,
+    /// The `n` query parameter is not a whole number in range.
+    InvalidN { max: usize },
+    /// The pipe was opened with another `n`.
+    NMismatch { expected: usize, asked: usize },
+    /// A sender (PUT/POST) to a reserved path such as `/help`.
+    Reserved(String),
+    /// No pipe name after the API prefix.
+    NoName,
+    /// The pipe has a sender already.
+    SenderTaken,
+    /// The pipe has all its receivers already.
+    ReceiversFull { n: usize },
+    /// A transfer on this name is still running.
+    Busy,
+    /// A method with no meaning here.
+    Method,
+    /// Nothing lives at this path.
+    NotFound,
+    /// An HTTP/1.0 receiver of a body whose length is unknown.
+    NeedsLength,
+    /// The client took too long to send its request head.
+    Timeout,
+}
+
+impl Reject {
+    /// The status code this refusal is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Reject::Malformed(_)
+            | Reject::InvalidN { .. }
+            | Reject::NMismatch { .. }
+            | Reject::Reserved(_)
+            | Reject::NoName => 400,
+            Reject::UriTooLong => 414,
+            Reject::HeadTooLarge => 431,
+            Reject::Version | Reject::NeedsLength => 505,
+            Reject::Coding => 501,
+            Reject::Expectation => 417,
+            Reject::SenderTaken | Reject::ReceiversFull { .. } | Reject::Busy => 409,
+            Reject::Method => 405,
+            Reject::NotFound => 404,
+            Reject::Timeout => 408,
+        }
+    }
+
+    /// Whether the connection can go on after this answer: never after a broken head.
+    pub fn keeps_connection(&self) -> bool {
+        matches!(
+            self,
+            Reject::InvalidN { .. }
+                | Reject::NMismatch { .. }
+                | Reject::Reserved(_)
+                | Reject::NoName
+                | Reject::SenderTaken
+                | Reject::ReceiversFull { .. }
+                | Reject::Busy
+                | Reject::Method
+                | Reject::NotFound
+        )
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reject::Malformed(why) => write!(f, "malformed request: {why}"),
+            Reject::UriTooLong => f.write_str("request line too long"),
+            Reject::HeadTooLarge => f.write_str("request head too large"),
+            Reject::Version => f.write_str("only HTTP/1.0 and HTTP/1.1 are served"),
+            Reject::Coding => f.write_str("only the chunked transfer coding is supported"),
+            Reject::Expectation => f.write_str("only 'Expect: 100-continue' is supported"),
+            Reject::InvalidN { max } => {
+                write!(f, "n must be a whole number from 1 to {max} (the number of receivers)")
+            }
+            Reject::NMismatch { expected, asked } => {
+                write!(f, "this pipe expects n={expected}, you asked n={asked}")
+            }
+            Reject::Reserved(path) => write!(
+                f,
+                "{path} is reserved; send to another name, or under /api/v1/pipe/"
+            ),
+            Reject::NoName => f.write_str("no pipe name: use /api/v1/pipe/NAME or /NAME"),
+            Reject::SenderTaken => f.write_str("this pipe already has its sender"),
+            Reject::ReceiversFull { n } => {
+                write!(f, "this pipe already has its {n} receivers")
+            }
+            Reject::Busy => f.write_str(
+                "a transfer on this name is still running; retry when it ends, or use another name",
+            ),
+            Reject::Method => f.write_str(
+                "use PUT or POST to send, GET to receive (OPTIONS for CORS preflight)",
+            ),
+            Reject::NotFound => f.write_str("not found"),
+            Reject::NeedsLength => f.write_str(
+                "the sender gave no Content-Length, so an HTTP/1.0 client cannot see the end; use HTTP/1.1",
+            ),
+            Reject::Timeout => f.write_str("request head not received in time"),
+        }
+    }
+}

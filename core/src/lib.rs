@@ -1,0 +1,15 @@
+//! fanpipe-core: the sans-io protocol core of fanpipe.
+//!
+//! No sockets, no runtime, no clock: bytes and `Instant`s go in through `handle_*`
+//! calls, decisions and bytes come out of `poll_*` calls. Backends carry the bytes.
+#![forbid(unsafe_code)]
+
+pub mod broadcast;
+pub mod chunked;
+pub mod config;
+pub mod error;
+pub mod head;
+pub mod request;
+
+pub use config::Config;
+pub use error::Reject;

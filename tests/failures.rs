@@ -1,0 +1,237 @@
+//! Nothing is lost silently: killed senders and receivers, an HTTP/1.0 receiver that cannot
+//! be served, slow and stalled receivers, and the server's memory while they lag.
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+/// The server's peak resident memory must stay under this, whatever the body or the lag.
+const MEMORY_BOUND_KIB: u64 = 64 * 1024;
+
+fn assert_memory_bounded(server: &Server, what: &str) {
+    let hwm = server.proc_status_kib("VmHWM");
+    assert!(
+        hwm < MEMORY_BOUND_KIB,
+        "{what}: server peak RSS (VmHWM) {hwm} KiB, bound {MEMORY_BOUND_KIB} KiB"
+    );
+}
+
+#[test]
+fn sender_killed_mid_body_cuts_every_receiver() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("sender-killed");
+    let bytes = payload(4 * MIB, 60);
+    let url = server.pipe_url(&pipe_name("sender-killed"), Some(3));
+    let receivers: Vec<_> = (0..3)
+        .map(|i| Receiver::spawn(&url, &dir, &format!("r{i}"), &[]))
+        .collect();
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    // Part of the body goes in; curl's stdin stays open, so the body never ends by itself.
+    let mut stdin = sender.take_stdin();
+    let part = bytes[..2 * MIB].to_vec();
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&part);
+        stdin
+    });
+    for receiver in &receivers {
+        receiver.wait_for_bytes(1);
+    }
+    sender.kill();
+    for receiver in receivers {
+        receiver.finish().assert_cut(&bytes);
+    }
+    drop(sender.finish());
+    drop(writer.join());
+}
+
+#[test]
+fn sender_gone_short_of_its_content_length_cuts_every_receiver() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("sender-short");
+    let bytes = payload(MIB, 61);
+    let path = format!("/api/v1/pipe/{}?n=2", pipe_name("sender-short"));
+    let mut raw_receiver = Raw::open(&server, &raw_head("GET", &path, &[]));
+    let curl_receiver = Receiver::spawn(&server.url(&path), &dir, "curl", &[]);
+    let mut sender = Raw::open(
+        &server,
+        &raw_head("PUT", &path, &[&format!("Content-Length: {}", bytes.len())]),
+    );
+    sender.send(&bytes[..300_000]);
+    let head = raw_receiver.read_head();
+    assert_eq!(head.status, 200, "raw receiver");
+    assert_eq!(head.content_length(), Some(bytes.len() as u64));
+    raw_receiver
+        .fill_to(1)
+        .expect("the first body bytes reach the receiver");
+    drop(sender);
+    let (body, end) = raw_receiver.read_body(&head);
+    assert!(
+        !end.complete,
+        "raw receiver saw a whole body of {} bytes",
+        body.len()
+    );
+    assert_ne!(
+        end.end,
+        Some(End::TimedOut),
+        "the raw receiver's connection was left open after the sender left"
+    );
+    assert!(
+        bytes.starts_with(&body),
+        "the raw receiver's bytes are not a prefix of the payload"
+    );
+    curl_receiver.finish().assert_cut(&bytes);
+}
+
+#[test]
+fn receiver_killed_mid_body_the_others_get_every_byte() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("receiver-killed");
+    let bytes = payload(32 * MIB, 62);
+    let url = server.pipe_url(&pipe_name("receiver-killed"), Some(3));
+    let healthy: Vec<_> = (0..2)
+        .map(|i| Receiver::spawn(&url, &dir, &format!("r{i}"), &[]))
+        .collect();
+    // Slow, so the transfer is far from its end when it is killed.
+    let mut doomed = Receiver::spawn(&url, &dir, "doomed", &["--limit-rate", "200K"]);
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    let feeder = sender.feed(bytes.clone());
+    doomed.wait_for_bytes(1);
+    doomed.kill();
+    drop(doomed.finish());
+    for receiver in healthy {
+        receiver.finish().assert_got(&bytes);
+    }
+    sender.finish().assert_failed(2, 3);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn all_receivers_gone_the_sender_is_told_at_once() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("all-gone");
+    let url = server.pipe_url(&pipe_name("all-gone"), None);
+    let mut receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    // Some body, then an idle upload: stdin stays open, the body has not ended.
+    let mut stdin = sender.take_stdin();
+    let part = payload(256 * 1024, 63);
+    stdin.write_all(&part).unwrap();
+    stdin.flush().unwrap();
+    receiver.wait_for_bytes(part.len() as u64);
+    receiver.kill();
+    drop(receiver.finish());
+    // Only the server closing the connection can end the sender's curl now.
+    let sent = sender.finish();
+    drop(stdin);
+    assert!(
+        sent.lines.iter().any(|l| l.starts_with("[ERROR] ")),
+        "the sender should be told with an [ERROR] line: {:?}",
+        sent.lines
+    );
+    sent.assert_failed(0, 1);
+}
+
+#[test]
+fn http10_receiver_of_a_chunked_sender_gets_505() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("http10-chunked");
+    let bytes = payload(500_000, 64);
+    let url = server.pipe_url(&pipe_name("http10-chunked"), Some(2));
+    let old = Receiver::spawn(&url, &dir, "http10", &["-0"]);
+    let new = Receiver::spawn(&url, &dir, "http11", &[]);
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    let feeder = sender.feed(bytes.clone());
+    let old = old.finish();
+    assert_eq!(
+        old.head().status,
+        505,
+        "HTTP/1.0 receiver of a body without Content-Length"
+    );
+    assert!(
+        !old.body.starts_with(&bytes[..1000]),
+        "the 505 must not carry the payload"
+    );
+    new.finish().assert_got(&bytes);
+    sender.finish().assert_failed(1, 2);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn slow_receiver_gets_every_byte_and_memory_stays_bounded() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("slow");
+    let (path, bytes) = dir.payload_file("payload", 16 * MIB, 65);
+    let url = server.pipe_url(&pipe_name("slow"), Some(3));
+    let receivers = vec![
+        Receiver::spawn(&url, &dir, "fast-0", &[]),
+        Receiver::spawn(&url, &dir, "fast-1", &[]),
+        Receiver::spawn(&url, &dir, "slow", &["--limit-rate", "2M"]),
+    ];
+    let sender = Sender::spawn(&url, Upload::File(&path), &dir, &[]);
+    for receiver in receivers {
+        receiver.finish().assert_got(&bytes);
+    }
+    sender.finish().assert_done(bytes.len() as u64, 3);
+    assert_memory_bounded(&server, "16 MiB to a slow receiver");
+}
+
+#[test]
+fn stalled_receiver_holds_back_the_sender_and_memory_stays_bounded() {
+    const TOTAL: u64 = 200 * MIB as u64;
+    const SEED: u64 = 66;
+    let server = Server::start(&[]);
+    let dir = TempDir::new("stalled");
+    let name = pipe_name("stalled");
+    let url = server.pipe_url(&name, Some(3));
+    let mut stalled = Raw::open(
+        &server,
+        &raw_head("GET", &format!("/api/v1/pipe/{name}?n=3"), &[]),
+    );
+    let fast: Vec<_> = (0..2)
+        .map(|_| StreamReceiver::spawn(&url, SEED, &[]))
+        .collect();
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    let progress = Arc::new(AtomicU64::new(0));
+    let generator = generate_into(sender.take_stdin(), TOTAL, SEED, Arc::clone(&progress));
+
+    // The stalled receiver reads its head, then nothing, until the sender is held back:
+    // its upload stops advancing.
+    let head = stalled.read_head();
+    assert_eq!(head.status, 200, "stalled receiver");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = u64::MAX;
+    let mut still = 0;
+    while still < 4 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(250));
+        let now = progress.load(Ordering::SeqCst);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let pushed = progress.load(Ordering::SeqCst);
+    assert!(
+        pushed < TOTAL / 2,
+        "with one receiver stalled, the sender pushed {pushed} of {TOTAL} bytes: it is not held back"
+    );
+    assert_memory_bounded(&server, "while a receiver is stalled");
+
+    // The stalled receiver reads again: everyone gets every byte.
+    let mut verifier = Verifier::new(SEED);
+    let end = stalled.read_body_with(&head, &mut |b| verifier.feed(b));
+    assert!(end.complete, "stalled receiver's body cut: {end:?}");
+    verifier.assert_whole("stalled receiver", TOTAL);
+    for (i, receiver) in fast.into_iter().enumerate() {
+        let (code, verifier) = receiver.finish();
+        assert_eq!(code, 0, "fast receiver {i}: curl exit code");
+        verifier.assert_whole(&format!("fast receiver {i}"), TOTAL);
+    }
+    sender.finish().assert_done(TOTAL, 3);
+    generator.join().unwrap();
+    assert_memory_bounded(&server, "after 200 MiB");
+}

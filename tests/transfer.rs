@@ -1,0 +1,483 @@
+//! Transfers that must succeed: every receiver gets exactly the sender's bytes, with the
+//! sender's headers, whatever the order of arrival, the framing or the pipe's URL form.
+
+mod common;
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+
+/// Spawns `count` curl receivers of `url`, labelled `tag-0`, `tag-1`, ...
+fn spawn_receivers(
+    url: &str,
+    dir: &TempDir,
+    tag: &str,
+    count: u32,
+    extra: &[&str],
+) -> Vec<Receiver> {
+    (0..count)
+        .map(|i| Receiver::spawn(url, dir, &format!("{tag}-{i}"), extra))
+        .collect()
+}
+
+/// Waits for every receiver and checks each got exactly `expected`; returns what they got.
+fn assert_all_got(receivers: Vec<Receiver>, expected: &[u8]) -> Vec<Received> {
+    receivers
+        .into_iter()
+        .map(|receiver| {
+            let received = receiver.finish();
+            received.assert_got(expected);
+            received
+        })
+        .collect()
+}
+
+/// `n` receivers (started first) and a `curl -T -` sender fed `len` bytes from its stdin.
+fn fan_out_from_stdin(n: u32, len: usize, seed: u64) {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("fan-out");
+    let bytes = payload(len, seed);
+    let url = server.pipe_url(&pipe_name("fan-out"), Some(n));
+    let receivers = spawn_receivers(&url, &dir, "receiver", n, &[]);
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    let feeder = sender.feed(bytes.clone());
+    assert_all_got(receivers, &bytes);
+    sender.finish().assert_done(len as u64, n);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn one_receiver_gets_every_byte() {
+    fan_out_from_stdin(1, 3 * MIB + 123, 1);
+}
+
+#[test]
+fn three_receivers_get_every_byte() {
+    fan_out_from_stdin(3, 4 * MIB + 7, 2);
+}
+
+#[test]
+fn a_hundred_receivers_get_every_byte() {
+    fan_out_from_stdin(100, 2 * MIB + 5, 3);
+}
+
+#[test]
+fn post_data_binary_is_delivered_with_its_length() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("data-binary");
+    let (path, bytes) = dir.payload_file("payload", 3 * MIB + 1, 4);
+    let url = server.pipe_url(&pipe_name("data-binary"), Some(3));
+    let receivers = spawn_receivers(&url, &dir, "receiver", 3, &[]);
+    let sender = Sender::spawn(&url, Upload::DataBinary(&path), &dir, &[]);
+    for received in assert_all_got(receivers, &bytes) {
+        assert_eq!(
+            received.head().content_length(),
+            Some(bytes.len() as u64),
+            "{}: Content-Length of a sized upload",
+            received.label
+        );
+    }
+    sender.finish().assert_done(bytes.len() as u64, 3);
+}
+
+#[test]
+fn put_file_is_delivered_with_its_length() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("put-file");
+    let (path, bytes) = dir.payload_file("payload", 2 * MIB + 333, 5);
+    let url = server.pipe_url(&pipe_name("put-file"), Some(2));
+    let receivers = spawn_receivers(&url, &dir, "receiver", 2, &[]);
+    let sender = Sender::spawn(&url, Upload::File(&path), &dir, &[]);
+    for received in assert_all_got(receivers, &bytes) {
+        assert_eq!(
+            received.head().content_length(),
+            Some(bytes.len() as u64),
+            "{}: Content-Length of a sized upload",
+            received.label
+        );
+    }
+    sender.finish().assert_done(bytes.len() as u64, 2);
+}
+
+#[test]
+fn receivers_after_the_sender() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("after");
+    let bytes = payload(MIB + 17, 6);
+    let url = server.pipe_url(&pipe_name("after"), Some(3));
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    sender.wait_registered();
+    let feeder = sender.feed(bytes.clone());
+    let receivers = spawn_receivers(&url, &dir, "receiver", 3, &[]);
+    assert_all_got(receivers, &bytes);
+    sender.finish().assert_done(bytes.len() as u64, 3);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn receivers_before_and_after_the_sender() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("around");
+    let bytes = payload(MIB + 99, 7);
+    let url = server.pipe_url(&pipe_name("around"), Some(4));
+    let mut receivers = spawn_receivers(&url, &dir, "early", 2, &[]);
+    settle();
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    sender.wait_registered();
+    let feeder = sender.feed(bytes.clone());
+    receivers.extend(spawn_receivers(&url, &dir, "late", 2, &[]));
+    assert_all_got(receivers, &bytes);
+    sender.finish().assert_done(bytes.len() as u64, 4);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn nothing_moves_before_every_receiver_is_there() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("not-yet");
+    let name = pipe_name("not-yet");
+    let bytes = payload(MIB, 9);
+    let mut first = Raw::open(
+        &server,
+        &raw_head("GET", &format!("/api/v1/pipe/{name}?n=2"), &[]),
+    );
+    let url = server.pipe_url(&name, Some(2));
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    sender.wait_registered();
+    let feeder = sender.feed(bytes.clone());
+    settle();
+    assert!(
+        first.nothing_arrived(),
+        "a receiver got bytes while the pipe still waited for its second receiver"
+    );
+    let second = Receiver::spawn(&url, &dir, "second", &[]);
+    let (head, body) = first.read_response();
+    assert_eq!(head.status, 200, "first receiver");
+    assert_same_bytes("first receiver", &bytes, &body);
+    second.finish().assert_got(&bytes);
+    sender.finish().assert_done(bytes.len() as u64, 2);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn bare_and_prefixed_paths_name_one_pipe() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("paths");
+    let name = pipe_name("paths");
+    // (sender's path, receiver's path): each pair must meet on one pipe.
+    let pairs = [
+        (format!("/{name}"), format!("/api/v1/pipe/{name}")),
+        (format!("/api/v1/pipe/{name}-b"), format!("/{name}-b")),
+        (
+            format!("/{name}/several/segments"),
+            format!("/api/v1/pipe/{name}/several/segments"),
+        ),
+        (
+            format!("/api/v1/pipe/{name}%20pct%2Fenc"),
+            format!("/{name}%20pct%2Fenc"),
+        ),
+        (format!("/{name}-q?n=1"), format!("/{name}-q")),
+    ];
+    for (i, (send_path, receive_path)) in pairs.iter().enumerate() {
+        let bytes = payload(100_000 + i, 8 + i as u64);
+        let receiver = Receiver::spawn(&server.url(receive_path), &dir, &format!("pair-{i}"), &[]);
+        let mut sender = Sender::spawn(&server.url(send_path), Upload::Stdin, &dir, &[]);
+        let feeder = sender.feed(bytes.clone());
+        receiver.finish().assert_got(&bytes);
+        sender.finish().assert_done(bytes.len() as u64, 1);
+        feeder.join().unwrap();
+    }
+}
+
+#[test]
+fn reserved_names_are_pipes_under_the_api_prefix() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("reserved-pipes");
+    for name in ["help", "version", "healthz", "robots.txt"] {
+        let bytes = payload(5000, 20);
+        let url = server.url(&format!("/api/v1/pipe/{name}"));
+        let receiver = Receiver::spawn(&url, &dir, name, &[]);
+        let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+        let feeder = sender.feed(bytes.clone());
+        receiver.finish().assert_got(&bytes);
+        sender.finish().assert_done(bytes.len() as u64, 1);
+        feeder.join().unwrap();
+    }
+}
+
+#[test]
+fn sender_headers_pass_through_to_receivers() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("headers");
+    let (path, bytes) = dir.payload_file("page.html", 12_345, 21);
+    let url = server.pipe_url(&pipe_name("headers"), Some(2));
+    let receivers = spawn_receivers(&url, &dir, "receiver", 2, &[]);
+    let sender = Sender::spawn(
+        &url,
+        Upload::File(&path),
+        &dir,
+        &[
+            "-H",
+            "Content-Type: text/html; charset=iso-8859-1",
+            "-H",
+            "Content-Disposition: attachment; filename=\"page.html\"",
+            "-H",
+            "X-Piping-Foo: bar baz",
+            "-H",
+            "X-Piping-Other: 42",
+        ],
+    );
+    for received in assert_all_got(receivers, &bytes) {
+        let head = received.head();
+        let label = &received.label;
+        let expect = [
+            ("content-type", "text/plain; charset=iso-8859-1"),
+            ("content-disposition", "attachment; filename=\"page.html\""),
+            ("x-piping-foo", "bar baz"),
+            ("x-piping-other", "42"),
+            ("access-control-allow-origin", "*"),
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+            ("x-robots-tag", "none"),
+        ];
+        for (name, value) in expect {
+            assert_eq!(head.header(name), Some(value), "{label}: header {name}");
+        }
+        assert_eq!(
+            head.content_length(),
+            Some(bytes.len() as u64),
+            "{label}: Content-Length"
+        );
+        for exposed in ["content-disposition", "x-piping-foo", "x-piping-other"] {
+            assert!(
+                head.lists("access-control-expose-headers", exposed),
+                "{label}: Access-Control-Expose-Headers should name {exposed}: {:?}",
+                head.header("access-control-expose-headers")
+            );
+        }
+    }
+    sender.finish().assert_done(bytes.len() as u64, 2);
+}
+
+#[test]
+fn defaults_without_content_type_or_length() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("defaults");
+    let bytes = payload(300_000, 22);
+    let url = server.pipe_url(&pipe_name("defaults"), None);
+    let receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    let feeder = sender.feed(bytes.clone());
+    let received = receiver.finish();
+    received.assert_got(&bytes);
+    let head = received.head();
+    assert_eq!(
+        head.header("content-type"),
+        Some("application/octet-stream"),
+        "default Content-Type"
+    );
+    assert!(
+        head.is_chunked(),
+        "a body of unknown length goes out chunked"
+    );
+    assert_eq!(
+        head.content_length(),
+        None,
+        "no Content-Length when unknown"
+    );
+    assert_eq!(head.header("content-disposition"), None);
+    assert_eq!(head.header("cache-control"), Some("no-store"));
+    sender.finish().assert_done(bytes.len() as u64, 1);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn empty_body_is_delivered_as_empty() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("empty");
+    let (empty_file, _) = dir.payload_file("empty", 0, 0);
+    // A sized empty PUT (Content-Length: 0), a sized empty POST, a chunked empty PUT.
+    for (i, upload) in [
+        Upload::File(&empty_file),
+        Upload::DataBinary(&empty_file),
+        Upload::Stdin,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let url = server.pipe_url(&pipe_name("empty"), Some(2));
+        let receivers = spawn_receivers(&url, &dir, &format!("empty-{i}"), 2, &[]);
+        let chunked = matches!(upload, Upload::Stdin);
+        let mut sender = Sender::spawn(&url, upload, &dir, &[]);
+        if chunked {
+            drop(sender.take_stdin()); // stdin closed at once: an empty chunked body
+        }
+        assert_all_got(receivers, &[]);
+        sender.finish().assert_done(0, 2);
+    }
+}
+
+#[test]
+fn name_is_free_right_after_a_transfer() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("reuse");
+    let url = server.pipe_url(&pipe_name("reuse"), Some(2));
+    for round in 0..4u64 {
+        let bytes = payload(200_000 + round as usize, 30 + round);
+        let receivers = spawn_receivers(&url, &dir, &format!("round-{round}"), 2, &[]);
+        let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+        let feeder = sender.feed(bytes.clone());
+        // The sender's curl ends when the transfer has ended: the next round starts at once.
+        sender.finish().assert_done(bytes.len() as u64, 2);
+        assert_all_got(receivers, &bytes);
+        feeder.join().unwrap();
+    }
+}
+
+#[test]
+fn forty_pipes_in_parallel() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("forty");
+    let transfers: Vec<_> = (0..40u64)
+        .map(|i| {
+            let (path, bytes) =
+                dir.payload_file(&format!("payload-{i}"), 256 * 1024 + i as usize, 100 + i);
+            let url = server.pipe_url(&pipe_name(&format!("forty-{i}")), Some(2));
+            let receivers = spawn_receivers(&url, &dir, &format!("pipe-{i}"), 2, &[]);
+            let sender = Sender::spawn(&url, Upload::File(&path), &dir, &[]);
+            (receivers, sender, bytes)
+        })
+        .collect();
+    for (receivers, sender, bytes) in transfers {
+        assert_all_got(receivers, &bytes);
+        sender.finish().assert_done(bytes.len() as u64, 2);
+    }
+}
+
+#[test]
+fn waiting_receiver_that_disconnects_frees_its_place() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("leaver");
+    let name = pipe_name("leaver");
+    let path = format!("/api/v1/pipe/{name}?n=2");
+    let leaver = Raw::open(&server, &raw_head("GET", &path, &[]));
+    settle();
+    drop(leaver);
+    settle();
+    let url = server.url(&path);
+    let bytes = payload(500_000, 40);
+    let receivers = spawn_receivers(&url, &dir, "receiver", 2, &[]);
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    let feeder = sender.feed(bytes.clone());
+    assert_all_got(receivers, &bytes);
+    sender.finish().assert_done(bytes.len() as u64, 2);
+    feeder.join().unwrap();
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_response() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("expect");
+    let name = pipe_name("expect");
+    let body = b"hello, expecting world";
+    let mut sender = Raw::open(
+        &server,
+        &raw_head(
+            "PUT",
+            &format!("/api/v1/pipe/{name}"),
+            &[
+                &format!("Content-Length: {}", body.len()),
+                "Expect: 100-continue",
+            ],
+        ),
+    );
+    // No receiver yet: the 100 and the streamed 200 come at once, in that order.
+    let first = sender.read_head();
+    assert_eq!(first.status, 100, "first answer to Expect: 100-continue");
+    let response = sender.read_head();
+    assert_eq!(response.status, 200, "the sender's response starts at once");
+    assert_eq!(
+        response.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+    let receiver = Receiver::spawn(&server.pipe_url(&name, None), &dir, "receiver", &[]);
+    sender.send(body);
+    receiver.finish().assert_got(body);
+    let (lines, end) = sender.read_body(&response);
+    assert!(end.complete, "sender's response should end cleanly");
+    let lines = String::from_utf8_lossy(&lines).into_owned();
+    let last = lines.lines().last().unwrap_or_default();
+    assert_eq!(
+        parse_done(last),
+        Some((body.len() as u64, 1, 1)),
+        "sender's summary: {lines:?}"
+    );
+}
+
+#[test]
+fn curl_upload_over_one_mib_gets_100_continue() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("expect-curl");
+    let (path, bytes) = dir.payload_file("payload", 2 * MIB, 41);
+    let url = server.pipe_url(&pipe_name("expect-curl"), None);
+    let receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
+    // curl sends `Expect: 100-continue` for an upload over 1 MiB; -v shows the answer.
+    let sender = Sender::spawn(&url, Upload::File(&path), &dir, &["-v"]);
+    receiver.finish().assert_got(&bytes);
+    let sent = sender.finish();
+    sent.assert_done(bytes.len() as u64, 1);
+    assert!(
+        sent.stderr.contains("Expect: 100-continue"),
+        "curl should have sent Expect (its verbose log):\n{}",
+        sent.stderr
+    );
+    assert!(
+        sent.stderr.contains("< HTTP/1.1 100 Continue"),
+        "curl should have got 100 Continue:\n{}",
+        sent.stderr
+    );
+    assert!(
+        !sent.stderr.contains("Done waiting for 100-continue"),
+        "curl waited out its expect timeout:\n{}",
+        sent.stderr
+    );
+}
+
+#[test]
+fn http10_receiver_of_a_sized_body_gets_it() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("http10");
+    let (path, bytes) = dir.payload_file("payload", 700_000, 42);
+    let url = server.pipe_url(&pipe_name("http10"), Some(2));
+    let old = Receiver::spawn(&url, &dir, "http10", &["-0"]);
+    let new = Receiver::spawn(&url, &dir, "http11", &[]);
+    let sender = Sender::spawn(&url, Upload::File(&path), &dir, &[]);
+    let old = old.finish();
+    old.assert_got(&bytes);
+    assert_eq!(old.head().content_length(), Some(bytes.len() as u64));
+    new.finish().assert_got(&bytes);
+    sender.finish().assert_done(bytes.len() as u64, 2);
+}
+
+#[test]
+fn half_closed_receiver_gets_the_whole_stream() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("half-close");
+    let name = pipe_name("half-close");
+    let bytes = payload(3 * MIB, 43);
+    let mut receiver = Raw::open(
+        &server,
+        &raw_head("GET", &format!("/api/v1/pipe/{name}"), &[]),
+    );
+    receiver.shutdown_write();
+    settle();
+    let mut sender = Sender::spawn(&server.pipe_url(&name, None), Upload::Stdin, &dir, &[]);
+    let feeder = sender.feed(bytes.clone());
+    let head = receiver.read_head();
+    assert_eq!(head.status, 200, "half-closed receiver's status");
+    let (body, end) = receiver.read_body(&head);
+    assert!(end.complete, "half-closed receiver's body cut: {end:?}");
+    assert_same_bytes("half-closed receiver", &bytes, &body);
+    sender.finish().assert_done(bytes.len() as u64, 1);
+    feeder.join().unwrap();
+}
