@@ -21,6 +21,11 @@ impl Broadcast {
         }
     }
 
+    /// Bytes the buffer holds at most.
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Bytes ever written.
     pub fn written(&self) -> u64 {
         self.head

@@ -171,7 +171,7 @@ pub fn chunk_header(len: usize, out: &mut Vec<u8>) {
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Decodes all of `input`, fed in pieces of `piece` bytes.

@@ -7,9 +7,16 @@
 pub mod broadcast;
 pub mod chunked;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod head;
+pub mod pipe;
+pub mod registry;
 pub mod request;
+pub mod response;
 
 pub use config::Config;
 pub use error::Reject;
+
+/// The version every part of fanpipe reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,213 @@
+//! Response heads and the short bodies the server writes itself.
+
+use std::io::Write;
+
+use crate::error::Reject;
+use crate::request::{Page, PassOn};
+
+/// Headers on every response: nothing here may be cached, sniffed or indexed.
+const COMMON: &str = "Access-Control-Allow-Origin: *\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Robots-Tag: none\r\n";
+
+/// The allowed methods, for `Allow` and CORS.
+pub const METHODS: &str = "GET, HEAD, POST, PUT, OPTIONS";
+
+/// The fixed reason phrase of a status.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        102 => "Processing",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// `100 Continue`, written to a sender that asked for it once it is admitted.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// An interim response that a live HTTP/1.1 client ignores and a closed socket resets on.
+pub const PROBE: &[u8] = b"HTTP/1.1 102 Processing\r\n\r\n";
+
+/// A complete response with a short text body.
+pub fn text(out: &mut Vec<u8>, status: u16, body: &str, keep_alive: bool, head_only: bool, extra: &str) {
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{COMMON}{extra}{}\r\n",
+        reason(status),
+        body.len(),
+        connection(keep_alive),
+    );
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
+/// The answer to a refused request.
+pub fn reject(out: &mut Vec<u8>, why: &Reject, keep_alive: bool) {
+    let extra = if *why == Reject::Method {
+        format!("Allow: {METHODS}\r\n")
+    } else {
+        String::new()
+    };
+    text(out, why.status(), &format!("{why}\n"), keep_alive, false, &extra);
+}
+
+/// The answer to a CORS preflight.
+pub fn preflight(out: &mut Vec<u8>, requested: Option<&str>, keep_alive: bool) {
+    let _ = write!(
+        out,
+        "HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: *\r\nAccess-Control-Allow-Methods: {METHODS}\r\n"
+    );
+    if let Some(h) = requested.filter(|h| !h.is_empty()) {
+        let _ = write!(out, "Access-Control-Allow-Headers: {h}\r\n");
+    }
+    let _ = write!(out, "Access-Control-Max-Age: 86400\r\n{}\r\n", connection(keep_alive));
+}
+
+/// The answer to a reserved page.
+pub fn page(out: &mut Vec<u8>, page: Page, base_url: &str, metrics: &str, keep_alive: bool, head_only: bool) {
+    match page {
+        Page::Usage => text(out, 200, &usage(base_url), keep_alive, head_only, ""),
+        Page::Version => text(out, 200, &format!("fanpipe {}\n", crate::VERSION), keep_alive, head_only, ""),
+        Page::Health => text(out, 200, "ok\n", keep_alive, head_only, ""),
+        Page::Metrics => text(out, 200, metrics, keep_alive, head_only, ""),
+        Page::Robots => text(out, 200, "User-agent: *\nDisallow: /\n", keep_alive, head_only, ""),
+        Page::Favicon => {
+            let _ = write!(out, "HTTP/1.1 204 No Content\r\n{COMMON}{}\r\n", connection(keep_alive));
+        }
+    }
+}
+
+fn usage(base: &str) -> String {
+    format!(
+        "fanpipe: stream bytes from one sender to n receivers over plain HTTP.\n\
+\n\
+Send (the sender waits until all n receivers are there):\n\
+  tar c . | curl -T - '{base}/api/v1/pipe/NAME?n=3'\n\
+  curl --data-binary @file '{base}/NAME?n=3'\n\
+\n\
+Receive (each of the n receivers):\n\
+  curl '{base}/api/v1/pipe/NAME?n=3' | tar x\n\
+\n\
+/NAME and /api/v1/pipe/NAME are the same pipe. n defaults to 1.\n\
+Receivers get the same bytes at the pace of the slowest; nothing is stored.\n\
+A sender's curl exits non-zero unless every receiver got every byte.\n"
+    )
+}
+
+fn connection(keep_alive: bool) -> &'static str {
+    if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    }
+}
+
+/// The head of the sender's streamed progress response. HTTP/1.1 gets chunked, so a cut
+/// response shows as an error; HTTP/1.0 can only be closed.
+pub fn sender_head(out: &mut Vec<u8>, chunked: bool) {
+    let _ = write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n{}{COMMON}Connection: close\r\n\r\n",
+        if chunked { "Transfer-Encoding: chunked\r\n" } else { "" }
+    );
+}
+
+/// The head each receiver gets when the transfer starts.
+pub fn receiver_head(out: &mut Vec<u8>, pass: &PassOn, length: Option<u64>) {
+    let content_type = match pass.content_type.as_deref() {
+        None | Some("") => "application/octet-stream".to_owned(),
+        Some(ct) => neutralize_html(ct),
+    };
+    let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n");
+    match length {
+        Some(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        None => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+    }
+    let mut exposed = vec!["Content-Type"];
+    if length.is_some() {
+        exposed.push("Content-Length");
+    }
+    if let Some(cd) = &pass.content_disposition {
+        let _ = write!(out, "Content-Disposition: {cd}\r\n");
+        exposed.push("Content-Disposition");
+    }
+    for (name, value) in &pass.x_piping {
+        let _ = write!(out, "{name}: {value}\r\n");
+        exposed.push(name);
+    }
+    let _ = write!(
+        out,
+        "Access-Control-Expose-Headers: {}\r\n{COMMON}Connection: close\r\n\r\n",
+        exposed.join(", ")
+    );
+}
+
+/// `text/html` (any case, parameters kept) becomes `text/plain`: a pipe never serves a page.
+fn neutralize_html(ct: &str) -> String {
+    let (essence, params) = ct.split_once(';').map_or((ct, None), |(e, p)| (e, Some(p)));
+    if essence.trim().eq_ignore_ascii_case("text/html") {
+        match params {
+            Some(p) => format!("text/plain;{p}"),
+            None => "text/plain".to_owned(),
+        }
+    } else {
+        ct.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(pass: &PassOn, length: Option<u64>) -> String {
+        let mut out = Vec::new();
+        receiver_head(&mut out, pass, length);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn receivers_get_the_senders_headers_and_safe_defaults() {
+        let pass = PassOn {
+            content_type: Some("TEXT/HTML; charset=utf-8".into()),
+            content_disposition: Some("attachment; filename=a.tar".into()),
+            x_piping: vec![("X-Piping-Id".into(), "7".into())],
+        };
+        let h = head_of(&pass, Some(12));
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(h.contains("Content-Type: text/plain; charset=utf-8\r\n"));
+        assert!(h.contains("Content-Length: 12\r\n"));
+        assert!(h.contains("Content-Disposition: attachment; filename=a.tar\r\n"));
+        assert!(h.contains("X-Piping-Id: 7\r\n"));
+        assert!(h.contains("Access-Control-Expose-Headers: Content-Type, Content-Length, Content-Disposition, X-Piping-Id\r\n"));
+        for must in ["Access-Control-Allow-Origin: *", "Cache-Control: no-store", "X-Content-Type-Options: nosniff", "X-Robots-Tag: none"] {
+            assert!(h.contains(must), "{must}");
+        }
+        let h = head_of(&PassOn::default(), None);
+        assert!(h.contains("Content-Type: application/octet-stream\r\n"));
+        assert!(h.contains("Transfer-Encoding: chunked\r\n"));
+        assert!(!h.contains("Content-Length"));
+    }
+
+    #[test]
+    fn refusals_carry_status_message_and_allow() {
+        let mut out = Vec::new();
+        reject(&mut out, &Reject::Method, true);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(s.contains("Allow: GET, HEAD, POST, PUT, OPTIONS\r\n"));
+        assert!(s.ends_with("OPTIONS for CORS preflight)\n"));
+    }
+}
