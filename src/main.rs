@@ -1,1 +1,60 @@
-fn main(){}
+//! The fanpipe server: command line, logging, signals. The backend is chosen at build time.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use fanpipe_core::config::MIN_BUFFER_SIZE;
+use fanpipe_core::Config;
+
+#[cfg(feature = "tokio")]
+use fanpipe_tokio as backend;
+
+#[cfg(not(feature = "tokio"))]
+compile_error!("build fanpipe with exactly one backend feature: tokio");
+
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (backend: tokio)");
+
+/// HTTP fan-out pipe: one sender streams bytes to n receivers, with plain curl.
+///
+/// Send:    tar c . | curl -T - 'http://HOST:8080/NAME?n=3'
+/// Receive: curl 'http://HOST:8080/NAME?n=3' | tar x
+#[derive(Parser, Debug)]
+#[command(name = "fanpipe", version = LONG_VERSION, verbatim_doc_comment)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Largest n (receivers per pipe) a client may ask for.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_receivers: u64,
+    /// Bytes buffered per running pipe between the sender and its slowest receiver.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(MIN_BUFFER_SIZE as u64..=1 << 32))]
+    buffer_size: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config {
+        max_receivers: args.max_receivers as usize,
+        buffer_size: args.buffer_size as usize,
+        ..Config::default()
+    };
+    let result = backend::run(args.listen, config, |addr| {
+        eprintln!("fanpipe {LONG_VERSION} listening on http://{addr}");
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanpipe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -89,20 +89,22 @@ pub fn page(out: &mut Vec<u8>, page: Page, base_url: &str, metrics: &str, keep_a
 }
 
 fn usage(base: &str) -> String {
-    format!(
-        "fanpipe: stream bytes from one sender to n receivers over plain HTTP.\n\
-\n\
-Send (the sender waits until all n receivers are there):\n\
-  tar c . | curl -T - '{base}/api/v1/pipe/NAME?n=3'\n\
-  curl --data-binary @file '{base}/NAME?n=3'\n\
-\n\
-Receive (each of the n receivers):\n\
-  curl '{base}/api/v1/pipe/NAME?n=3' | tar x\n\
-\n\
-/NAME and /api/v1/pipe/NAME are the same pipe. n defaults to 1.\n\
-Receivers get the same bytes at the pace of the slowest; nothing is stored.\n\
-A sender's curl exits non-zero unless every receiver got every byte.\n"
-    )
+    [
+        "fanpipe: stream bytes from one sender to n receivers over plain HTTP.",
+        "",
+        "Send (the sender waits until all n receivers are there):",
+        &format!("  tar c . | curl -T - '{base}/api/v1/pipe/NAME?n=3'"),
+        &format!("  curl --data-binary @file '{base}/NAME?n=3'"),
+        "",
+        "Receive (each of the n receivers):",
+        &format!("  curl '{base}/api/v1/pipe/NAME?n=3' | tar x"),
+        "",
+        "/NAME and /api/v1/pipe/NAME are the same pipe; n defaults to 1.",
+        "Receivers get the same bytes at the pace of the slowest; nothing is stored.",
+        "The sender's curl exits non-zero unless every receiver got every byte.",
+        "",
+    ]
+    .join("\n")
 }
 
 fn connection(keep_alive: bool) -> &'static str {
