@@ -99,7 +99,10 @@ pub fn run(addr: SocketAddr, config: Config, on_bound: impl FnOnce(SocketAddr)) 
 
 async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         }
@@ -268,12 +271,10 @@ impl PipeTask {
         if slices.total() > 0 {
             match Pin::new(&mut *sock).poll_write_vectored(cx, &slices) {
                 Poll::Ready(Ok(n)) if n > 0 => {
-                    drop(slices);
                     self.pipe.handle_wrote(p, n, now);
                     moved = true;
                 }
                 Poll::Ready(_) => {
-                    drop(slices);
                     self.pipe.handle_error(p, now);
                     return true;
                 }

@@ -33,7 +33,12 @@ impl Broadcast {
 
     /// The position of the slowest live receiver; `head` if none is left.
     fn tail(&self) -> u64 {
-        self.cursors.iter().flatten().copied().min().unwrap_or(self.head)
+        self.cursors
+            .iter()
+            .flatten()
+            .copied()
+            .min()
+            .unwrap_or(self.head)
     }
 
     /// Bytes held for the slowest live receiver.

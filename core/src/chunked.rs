@@ -34,17 +34,33 @@ const MAX_EXTENSION: usize = 4 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading a size; `digits` so far.
-    Size { value: u64, digits: u32 },
+    Size {
+        value: u64,
+        digits: u32,
+    },
     /// In a chunk extension, after `;`.
-    Ext { size: u64, len: usize },
+    Ext {
+        size: u64,
+        len: usize,
+    },
     /// Saw CR after the size line; LF must follow.
-    SizeLf { size: u64 },
-    Data { left: u64 },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
     DataCr,
     DataLf,
     /// At the start of a trailer line; `line` bytes into it.
-    Trailer { line: usize, total: usize },
-    TrailerLf { empty: bool, total: usize },
+    Trailer {
+        line: usize,
+        total: usize,
+    },
+    TrailerLf {
+        empty: bool,
+        total: usize,
+    },
     Done,
 }
 
@@ -67,11 +83,18 @@ impl BodyDecoder {
         match framing {
             Framing::Length(n) => BodyDecoder {
                 chunked: false,
-                state: if n == 0 { State::Done } else { State::Data { left: n } },
+                state: if n == 0 {
+                    State::Done
+                } else {
+                    State::Data { left: n }
+                },
             },
             Framing::Chunked => BodyDecoder {
                 chunked: true,
-                state: State::Size { value: 0, digits: 0 },
+                state: State::Size {
+                    value: 0,
+                    digits: 0,
+                },
             },
         }
     }
@@ -111,7 +134,10 @@ impl BodyDecoder {
             if let State::Data { left } = self.state {
                 let take = left.min((input.len() - i) as u64) as usize;
                 self.advance_data(take as u64);
-                return Ok(Step { consumed: i + take, data: i..i + take });
+                return Ok(Step {
+                    consumed: i + take,
+                    data: i..i + take,
+                });
             }
             if self.state == State::Done {
                 break;
@@ -119,7 +145,10 @@ impl BodyDecoder {
             self.framing_byte(input[i])?;
             i += 1;
         }
-        Ok(Step { consumed: i, data: i..i })
+        Ok(Step {
+            consumed: i,
+            data: i..i,
+        })
     }
 
     fn framing_byte(&mut self, b: u8) -> Result<(), BodyError> {
@@ -130,27 +159,42 @@ impl BodyDecoder {
                     .checked_mul(16)
                     .and_then(|v| v.checked_add(d))
                     .ok_or(BodyError::ChunkSize)?;
-                State::Size { value, digits: digits + 1 }
+                State::Size {
+                    value,
+                    digits: digits + 1,
+                }
             }
             (State::Size { digits: 0, .. }, _) => return Err(BodyError::ChunkSize),
-            (State::Size { value, .. }, b';') => State::Ext { size: value, len: 0 },
+            (State::Size { value, .. }, b';') => State::Ext {
+                size: value,
+                len: 0,
+            },
             (State::Size { value, .. }, b'\r') => State::SizeLf { size: value },
             (State::Size { .. }, _) => return Err(BodyError::ChunkSize),
             (State::Ext { size, .. }, b'\r') => State::SizeLf { size },
             (State::Ext { .. }, b'\n' | 0) => return Err(BodyError::ChunkLineEnd),
-            (State::Ext { size, len }, _) if len < MAX_EXTENSION => State::Ext { size, len: len + 1 },
+            (State::Ext { size, len }, _) if len < MAX_EXTENSION => {
+                State::Ext { size, len: len + 1 }
+            }
             (State::Ext { .. }, _) => return Err(BodyError::ChunkSize),
             (State::SizeLf { size: 0 }, b'\n') => State::Trailer { line: 0, total: 0 },
             (State::SizeLf { size }, b'\n') => State::Data { left: size },
             (State::SizeLf { .. }, _) => return Err(BodyError::ChunkLineEnd),
             (State::DataCr, b'\r') => State::DataLf,
-            (State::DataLf, b'\n') => State::Size { value: 0, digits: 0 },
+            (State::DataLf, b'\n') => State::Size {
+                value: 0,
+                digits: 0,
+            },
             (State::DataCr | State::DataLf, _) => return Err(BodyError::ChunkDataEnd),
-            (State::Trailer { line, total }, b'\r') => State::TrailerLf { empty: line == 0, total },
+            (State::Trailer { line, total }, b'\r') => State::TrailerLf {
+                empty: line == 0,
+                total,
+            },
             (State::Trailer { .. }, b'\n' | 0) => return Err(BodyError::ChunkLineEnd),
-            (State::Trailer { line, total }, _) if total < MAX_TRAILER => {
-                State::Trailer { line: line + 1, total: total + 1 }
-            }
+            (State::Trailer { line, total }, _) if total < MAX_TRAILER => State::Trailer {
+                line: line + 1,
+                total: total + 1,
+            },
             (State::Trailer { .. }, _) => return Err(BodyError::TrailerTooLarge),
             (State::TrailerLf { empty: true, .. }, b'\n') => State::Done,
             (State::TrailerLf { total, .. }, b'\n') => State::Trailer { line: 0, total },
@@ -175,7 +219,11 @@ pub(crate) mod tests {
     use super::*;
 
     /// Decodes all of `input`, fed in pieces of `piece` bytes.
-    pub(crate) fn decode_all(framing: Framing, input: &[u8], piece: usize) -> Result<(Vec<u8>, bool), BodyError> {
+    pub(crate) fn decode_all(
+        framing: Framing,
+        input: &[u8],
+        piece: usize,
+    ) -> Result<(Vec<u8>, bool), BodyError> {
         let mut d = BodyDecoder::new(framing);
         let mut out = Vec::new();
         for part in input.chunks(piece.max(1)) {
@@ -205,14 +253,20 @@ pub(crate) mod tests {
         let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         let wire = encode(&data, 77);
         for piece in [1, 2, 3, 7, 64, 5000] {
-            assert_eq!(decode_all(Framing::Chunked, &wire, piece), Ok((data.clone(), true)));
+            assert_eq!(
+                decode_all(Framing::Chunked, &wire, piece),
+                Ok((data.clone(), true))
+            );
         }
     }
 
     #[test]
     fn extensions_and_trailers_are_skipped() {
         let wire = b"3;a=b\r\nabc\r\n0;x\r\nX-T: 1\r\n\r\n";
-        assert_eq!(decode_all(Framing::Chunked, wire, 1), Ok((b"abc".to_vec(), true)));
+        assert_eq!(
+            decode_all(Framing::Chunked, wire, 1),
+            Ok((b"abc".to_vec(), true))
+        );
     }
 
     #[test]
@@ -230,15 +284,29 @@ pub(crate) mod tests {
             (b"10000000000000000\r\n", BodyError::ChunkSize),
         ];
         for (wire, err) in bad {
-            assert_eq!(decode_all(Framing::Chunked, wire, 1).map(|_| ()), Err(*err), "{:?}", String::from_utf8_lossy(wire));
+            assert_eq!(
+                decode_all(Framing::Chunked, wire, 1).map(|_| ()),
+                Err(*err),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
         }
     }
 
     #[test]
     fn content_length_stops_at_its_length() {
-        assert_eq!(decode_all(Framing::Length(3), b"abcdef", 2), Ok((b"abc".to_vec(), true)));
-        assert_eq!(decode_all(Framing::Length(0), b"abc", 2), Ok((vec![], true)));
-        assert_eq!(decode_all(Framing::Length(5), b"abc", 2), Ok((b"abc".to_vec(), false)));
+        assert_eq!(
+            decode_all(Framing::Length(3), b"abcdef", 2),
+            Ok((b"abc".to_vec(), true))
+        );
+        assert_eq!(
+            decode_all(Framing::Length(0), b"abc", 2),
+            Ok((vec![], true))
+        );
+        assert_eq!(
+            decode_all(Framing::Length(5), b"abc", 2),
+            Ok((b"abc".to_vec(), false))
+        );
     }
 
     #[test]

@@ -202,7 +202,14 @@ impl Conn {
     pub fn handle_metrics(&mut self, text: &str, now: Instant) {
         if let (State::Metrics, Some(req)) = (self.state, self.pending.take()) {
             let keep = req.keep_alive && !req.has_body();
-            response::page(&mut self.out, Page::Metrics, &req.base_url, text, keep, req.head_only);
+            response::page(
+                &mut self.out,
+                Page::Metrics,
+                &req.base_url,
+                text,
+                keep,
+                req.head_only,
+            );
             self.write(keep, now);
         }
     }
@@ -215,7 +222,10 @@ impl Conn {
         let request = self.pending.take()?;
         self.state = State::Closed;
         self.deadline = None;
-        Some(PipeRequest { request, leftover: self.reader.take_rest() })
+        Some(PipeRequest {
+            request,
+            leftover: self.reader.take_rest(),
+        })
     }
 
     /// The registry refused the pipe request: answer it and close.
@@ -265,7 +275,11 @@ impl Conn {
     }
 
     fn write(&mut self, keep_alive: bool, now: Instant) {
-        self.state = State::Write(if keep_alive { After::NextRequest } else { After::Linger });
+        self.state = State::Write(if keep_alive {
+            After::NextRequest
+        } else {
+            After::Linger
+        });
         self.deadline = Some(now + self.config.write_timeout);
     }
 
@@ -316,7 +330,8 @@ mod tests {
 
     #[test]
     fn keep_alive_serves_pipelined_requests_at_any_split() {
-        let input = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /version HTTP/1.1\r\nHost: a\r\n\r\n";
+        let input =
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /version HTTP/1.1\r\nHost: a\r\n\r\n";
         for piece in [1, 5, 1000] {
             let (out, action, _) = run(input, piece);
             assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
@@ -335,7 +350,10 @@ mod tests {
 
     #[test]
     fn malformed_head_is_answered_and_closed() {
-        let (out, action, _) = run(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 3);
+        let (out, action, _) = run(
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            3,
+        );
         assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(out.contains("Connection: close\r\n"));
         assert_eq!(action, Action::Close);

@@ -83,7 +83,9 @@ impl HeadReader {
     /// Where the backend should read the next bytes to.
     pub fn space(&mut self) -> &mut [u8] {
         // Allow one byte past the limit so an oversized head is seen as such.
-        let want = (self.len + READ_CHUNK).min(self.max_head + 1).max(self.len + 1);
+        let want = (self.len + READ_CHUNK)
+            .min(self.max_head + 1)
+            .max(self.len + 1);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
@@ -182,9 +184,7 @@ fn parse(bytes: &[u8], max_headers: usize) -> Result<Head, Reject> {
             })
         }
         Err(httparse::Error::HeaderName) => return Err(Reject::Malformed("invalid header name")),
-        Err(httparse::Error::HeaderValue) => {
-            return Err(Reject::Malformed("invalid header value"))
-        }
+        Err(httparse::Error::HeaderValue) => return Err(Reject::Malformed("invalid header value")),
         Err(httparse::Error::Token) => return Err(Reject::Malformed("invalid method")),
         Err(_) => return Err(Reject::Malformed("invalid request line")),
     }
@@ -218,7 +218,10 @@ fn parse(bytes: &[u8], max_headers: usize) -> Result<Head, Reject> {
 
 /// Whether the request line ends in a well-formed `HTTP/x.y` that we just do not serve.
 fn looks_like_http_version(bytes: &[u8]) -> bool {
-    let start = bytes.iter().position(|&c| c != b'\r' && c != b'\n').unwrap_or(0);
+    let start = bytes
+        .iter()
+        .position(|&c| c != b'\r' && c != b'\n')
+        .unwrap_or(0);
     let line = &bytes[start..];
     let end = line.iter().position(|&c| c == b'\r').unwrap_or(line.len());
     let line = &line[..end];
@@ -226,7 +229,11 @@ fn looks_like_http_version(bytes: &[u8]) -> bool {
         return false;
     };
     let v = &line[sp + 1..];
-    v.len() == 8 && v.starts_with(b"HTTP/") && v[5].is_ascii_digit() && v[6] == b'.' && v[7].is_ascii_digit()
+    v.len() == 8
+        && v.starts_with(b"HTTP/")
+        && v[5].is_ascii_digit()
+        && v[6] == b'.'
+        && v[7].is_ascii_digit()
 }
 
 #[cfg(test)]
@@ -286,7 +293,10 @@ mod tests {
     #[test]
     fn pipelined_heads_come_out_one_by_one() {
         let mut r = reader();
-        feed(&mut r, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n");
+        feed(
+            &mut r,
+            b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
         assert_eq!(r.poll_head().unwrap().unwrap().target, "/a");
         assert_eq!(r.poll_head().unwrap().unwrap().target, "/b");
         assert!(r.poll_head().is_none());
@@ -295,7 +305,9 @@ mod tests {
 
     #[test]
     fn leading_empty_lines_are_ignored() {
-        let head = parse_all(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().unwrap();
+        let head = parse_all(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(head.target, "/");
     }
 
@@ -328,7 +340,10 @@ mod tests {
     fn limits_give_414_and_431() {
         let mut long_line = b"GET /".to_vec();
         long_line.extend(std::iter::repeat_n(b'a', 10_000));
-        assert_eq!(parse_all(&long_line).unwrap().unwrap_err(), Reject::UriTooLong);
+        assert_eq!(
+            parse_all(&long_line).unwrap().unwrap_err(),
+            Reject::UriTooLong
+        );
 
         let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', 40_000));

@@ -31,7 +31,10 @@ impl Metrics {
     /// The text of `/metrics`, given the pipes that exist now.
     pub fn render(&self, waiting: usize, running: usize) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP fanpipe_pipes Pipes by state.\n# TYPE fanpipe_pipes gauge");
+        let _ = writeln!(
+            out,
+            "# HELP fanpipe_pipes Pipes by state.\n# TYPE fanpipe_pipes gauge"
+        );
         let _ = writeln!(out, "fanpipe_pipes{{state=\"waiting\"}} {waiting}");
         let _ = writeln!(out, "fanpipe_pipes{{state=\"running\"}} {running}");
         let _ = writeln!(out, "# HELP fanpipe_transfers_total Finished transfers by outcome.\n# TYPE fanpipe_transfers_total counter");
@@ -46,7 +49,11 @@ impl Metrics {
         let _ = writeln!(out, "# HELP fanpipe_bytes_received_total Body bytes read from senders of finished transfers.\n# TYPE fanpipe_bytes_received_total counter");
         let _ = writeln!(out, "fanpipe_bytes_received_total {}", self.bytes_received);
         let _ = writeln!(out, "# HELP fanpipe_bytes_delivered_total Body bytes delivered whole to receivers.\n# TYPE fanpipe_bytes_delivered_total counter");
-        let _ = writeln!(out, "fanpipe_bytes_delivered_total {}", self.bytes_delivered);
+        let _ = writeln!(
+            out,
+            "fanpipe_bytes_delivered_total {}",
+            self.bytes_delivered
+        );
         out
     }
 }

@@ -226,7 +226,10 @@ impl Pipe {
                 self.sender = Some(id);
                 self.parties.push(party);
                 let here = self.waiting_receivers();
-                self.say(&format!("[INFO] waiting for {} receiver(s), {here} here", self.n));
+                self.say(&format!(
+                    "[INFO] waiting for {} receiver(s), {here} here",
+                    self.n
+                ));
             }
             Role::Receiver => {
                 self.parties.push(party);
@@ -255,7 +258,8 @@ impl Pipe {
         let Some(party) = self.parties.get_mut(p) else {
             return false;
         };
-        let due = party.shutdown && party.phase == Phase::Closing && party.out_pos == party.out.len();
+        let due =
+            party.shutdown && party.phase == Phase::Closing && party.out_pos == party.out.len();
         if due {
             party.shutdown = false;
         }
@@ -325,10 +329,7 @@ impl Pipe {
             return;
         };
         match (party.role, party.phase) {
-            (Role::Sender, Phase::Active) => {
-                self.sender_read(n, now);
-                return;
-            }
+            (Role::Sender, Phase::Active) => self.sender_read(n, now),
             (_, Phase::Closing) if n == 0 => party.phase = Phase::Closed,
             (Role::Receiver, Phase::Waiting) if n == 0 => {
                 party.eof = true;
@@ -349,7 +350,10 @@ impl Pipe {
     /// when it has nothing to write now.
     pub fn write_slices(&mut self, p: PartyId) -> Slices<'_> {
         self.prepare_frame(p);
-        let mut out = Slices { slices: [IoSlice::new(&[]); 4], len: 0 };
+        let mut out = Slices {
+            slices: [IoSlice::new(&[]); 4],
+            len: 0,
+        };
         let Some(party) = self.parties.get(p) else {
             return out;
         };
@@ -362,8 +366,14 @@ impl Pipe {
         if party.role != Role::Receiver || party.phase != Phase::Active {
             return out;
         }
-        let Some(buffer) = &self.buffer else { return out };
-        let limit = if party.chunked { party.frame_left } else { u64::MAX };
+        let Some(buffer) = &self.buffer else {
+            return out;
+        };
+        let limit = if party.chunked {
+            party.frame_left
+        } else {
+            u64::MAX
+        };
         let (a, b) = buffer.readable(party.slot, limit);
         let data = (a.len() + b.len()) as u64;
         out.push(a);
@@ -389,7 +399,11 @@ impl Pipe {
         }
         if party.role == Role::Receiver && party.phase == Phase::Active && n > 0 {
             if let Some(buffer) = &mut self.buffer {
-                let limit = if party.chunked { party.frame_left } else { u64::MAX };
+                let limit = if party.chunked {
+                    party.frame_left
+                } else {
+                    u64::MAX
+                };
                 let (a, b) = buffer.readable(party.slot, limit);
                 let d = n.min(a.len() + b.len());
                 buffer.consume(party.slot, d as u64);
@@ -420,7 +434,10 @@ impl Pipe {
                     self.sender = None;
                 } else if self.sender.is_some() {
                     let here = self.waiting_receivers();
-                    self.say(&format!("[INFO] a receiver left; {here} of {} here", self.n));
+                    self.say(&format!(
+                        "[INFO] a receiver left; {here} of {} here",
+                        self.n
+                    ));
                 }
             }
             (Role::Receiver, Phase::Active) => {
@@ -474,7 +491,9 @@ impl Pipe {
         };
         let pass_on = self.parties[s].request.pass_on.clone();
         let ids: Vec<PartyId> = (0..self.parties.len())
-            .filter(|&p| self.parties[p].role == Role::Receiver && self.parties[p].phase == Phase::Waiting)
+            .filter(|&p| {
+                self.parties[p].role == Role::Receiver && self.parties[p].phase == Phase::Waiting
+            })
             .collect();
         let mut buffer = Broadcast::new(self.config.buffer_size.max(MIN_BUFFER_SIZE), ids.len());
         for (slot, &p) in ids.iter().enumerate() {
@@ -499,7 +518,10 @@ impl Pipe {
         self.parties[s].phase = Phase::Active;
         self.stage = Stage::Running { started: now };
         self.events.push(Event::Started);
-        self.say(&format!("[INFO] all {} receiver(s) joined, sending", self.n));
+        self.say(&format!(
+            "[INFO] all {} receiver(s) joined, sending",
+            self.n
+        ));
         self.pump(now);
         self.check_end(now);
     }
@@ -519,7 +541,9 @@ impl Pipe {
         let buffer = self.buffer.as_mut()?;
         if data_left > 0 {
             let space = buffer.writable();
-            let k = space.len().min(usize::try_from(data_left).unwrap_or(usize::MAX));
+            let k = space
+                .len()
+                .min(usize::try_from(data_left).unwrap_or(usize::MAX));
             if k == 0 {
                 return None;
             }
@@ -553,7 +577,8 @@ impl Pipe {
             ReadInto::Raw => {
                 self.raw.clear();
                 self.raw_pos = 0;
-                self.raw.extend_from_slice(&self.frame_in[..n.min(RAW_READ)]);
+                self.raw
+                    .extend_from_slice(&self.frame_in[..n.min(RAW_READ)]);
                 self.pump(now);
             }
             ReadInto::Nowhere => {}
@@ -576,7 +601,8 @@ impl Pipe {
             let end = self.raw.len().min(self.raw_pos + room);
             match decoder.decode(&self.raw[self.raw_pos..end]) {
                 Ok(step) => {
-                    let data = &self.raw[self.raw_pos + step.data.start..self.raw_pos + step.data.end];
+                    let data =
+                        &self.raw[self.raw_pos + step.data.start..self.raw_pos + step.data.end];
                     let pushed = buffer.push(data);
                     self.body_bytes += pushed as u64;
                     self.raw_pos += step.consumed;
@@ -681,7 +707,11 @@ impl Pipe {
         if active {
             return;
         }
-        let complete = self.receivers.iter().filter(|&&p| self.parties[p].complete).count();
+        let complete = self
+            .receivers
+            .iter()
+            .filter(|&&p| self.parties[p].complete)
+            .count();
         let body_done = self.decoder.as_ref().is_some_and(BodyDecoder::is_done);
         let outcome = if complete == self.n && body_done {
             Outcome::Complete
@@ -712,7 +742,11 @@ impl Pipe {
         self.stage = Stage::Ended;
         let seconds = now.saturating_duration_since(started).as_secs_f64();
         let bytes = self.body_bytes;
-        let rate = if seconds > 0.0 { bytes as f64 / seconds / 1e6 } else { 0.0 };
+        let rate = if seconds > 0.0 {
+            bytes as f64 / seconds / 1e6
+        } else {
+            0.0
+        };
         match outcome {
             Outcome::Complete => self.say(&format!(
                 "[INFO] done: {bytes} bytes to {complete} of {} receivers in {seconds:.2}s ({rate:.1} MB/s)",
@@ -787,8 +821,19 @@ mod tests {
 
     impl Sim {
         fn new(n: usize, buffer: usize, piece: usize) -> Self {
-            let config = Config { buffer_size: buffer, ..Config::default() };
-            Sim { pipe: Pipe::new("x", n, &config), clients: Vec::new(), now: Instant::now(), events: Vec::new(), piece, lazy: false, round: 0 }
+            let config = Config {
+                buffer_size: buffer,
+                ..Config::default()
+            };
+            Sim {
+                pipe: Pipe::new("x", n, &config),
+                clients: Vec::new(),
+                now: Instant::now(),
+                events: Vec::new(),
+                piece,
+                lazy: false,
+                round: 0,
+            }
         }
 
         /// A client sends its whole request; the head goes through a `Conn` first.
@@ -797,15 +842,26 @@ mod tests {
             let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             let (req, role) = request(std::str::from_utf8(&raw[..head_end]).unwrap());
             let id = self.pipe.join(req, role, self.now);
-            self.clients.push(Client { input: raw[head_end..].to_vec(), sent: 0, got: Vec::new(), closed: false, shut: false });
+            self.clients.push(Client {
+                input: raw[head_end..].to_vec(),
+                sent: 0,
+                got: Vec::new(),
+                closed: false,
+                shut: false,
+            });
             id
         }
 
         fn sender(&mut self, n: usize, body: &[u8], chunked: bool) -> PartyId {
             let mut raw = if chunked {
-                format!("PUT /x?n={n} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n").into_bytes()
+                format!("PUT /x?n={n} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .into_bytes()
             } else {
-                format!("PUT /x?n={n} HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes()
+                format!(
+                    "PUT /x?n={n} HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes()
             };
             if chunked {
                 for c in body.chunks(1000) {
@@ -888,7 +944,9 @@ mod tests {
             let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             let head = String::from_utf8_lossy(&got[..at]);
             if head.contains("chunked") {
-                crate::chunked::tests::decode_all(Framing::Chunked, &got[at..], 7).unwrap().0
+                crate::chunked::tests::decode_all(Framing::Chunked, &got[at..], 7)
+                    .unwrap()
+                    .0
             } else {
                 got[at..].to_vec()
             }
@@ -899,7 +957,13 @@ mod tests {
         }
 
         fn summary(&self) -> &Summary {
-            self.events.iter().find_map(|e| match e { Event::Finished(s) => Some(s), _ => None }).unwrap()
+            self.events
+                .iter()
+                .find_map(|e| match e {
+                    Event::Finished(s) => Some(s),
+                    _ => None,
+                })
+                .unwrap()
         }
     }
 
@@ -927,7 +991,10 @@ mod tests {
                 }
                 assert_eq!(sim.summary().outcome, Outcome::Complete);
                 let out = sim.text(s);
-                assert!(out.contains("[INFO] done: 20000 bytes to 3 of 3 receivers"), "{out}");
+                assert!(
+                    out.contains("[INFO] done: 20000 bytes to 3 of 3 receivers"),
+                    "{out}"
+                );
                 assert!(out.ends_with("0\r\n\r\n"), "{out}");
             }
         }
@@ -956,8 +1023,17 @@ mod tests {
         let r2 = sim.receiver(2);
         sim.sender(2, &data, false);
         sim.run(&[r2]);
-        let head = sim.clients[r1].got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        assert_eq!(sim.clients[r1].got.len() - head, 4096, "fast receiver stops one buffer ahead");
+        let head = sim.clients[r1]
+            .got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap()
+            + 4;
+        assert_eq!(
+            sim.clients[r1].got.len() - head,
+            4096,
+            "fast receiver stops one buffer ahead"
+        );
         sim.run(&[]);
         assert_eq!(sim.body_of(r1), data);
         assert_eq!(sim.body_of(r2), data);
@@ -975,7 +1051,10 @@ mod tests {
         assert_eq!(sim.body_of(rs[0]), data);
         assert_eq!(sim.body_of(rs[2]), data);
         let out = sim.text(s);
-        assert!(out.ends_with("[ERROR] 2 of 3 receivers got every byte\n\r\n"), "{out}");
+        assert!(
+            out.ends_with("[ERROR] 2 of 3 receivers got every byte\n\r\n"),
+            "{out}"
+        );
         assert_eq!(sim.summary().outcome, Outcome::ReceiversLost);
     }
 
@@ -987,7 +1066,9 @@ mod tests {
         sim.run(&[r]);
         sim.pipe.handle_error(r, sim.now);
         sim.run(&[]);
-        assert!(sim.text(s).contains("[ERROR] 0 of 1 receivers got every byte"));
+        assert!(sim
+            .text(s)
+            .contains("[ERROR] 0 of 1 receivers got every byte"));
         assert!(sim.clients[s].shut);
     }
 
@@ -1016,11 +1097,15 @@ mod tests {
     fn a_malformed_chunk_cuts_receivers_and_tells_the_sender() {
         let mut sim = Sim::new(1, 4096, 1000);
         let r = sim.receiver(1);
-        let s = sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n");
+        let s = sim.join(
+            "PUT /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+        );
         sim.run(&[]);
         assert!(sim.clients[r].closed);
         assert!(!sim.clients[r].got.ends_with(b"0\r\n\r\n"));
-        assert!(sim.text(s).contains("[ERROR] malformed body: malformed chunk size"));
+        assert!(sim
+            .text(s)
+            .contains("[ERROR] malformed body: malformed chunk size"));
         assert!(matches!(sim.summary().outcome, Outcome::Malformed(_)));
     }
 
@@ -1047,7 +1132,9 @@ mod tests {
         sim.run(&[]);
         assert!(sim.text(old).starts_with("HTTP/1.1 505 "));
         assert_eq!(sim.body_of(new), b"data");
-        assert!(sim.text(s).contains("[ERROR] 1 of 2 receivers got every byte"));
+        assert!(sim
+            .text(s)
+            .contains("[ERROR] 1 of 2 receivers got every byte"));
     }
 
     #[test]
@@ -1057,7 +1144,12 @@ mod tests {
         sim.join("POST /x HTTP/1.1\r\nHost: h\r\nContent-Type: text/html\r\nX-Piping-K: v\r\nContent-Length: 2\r\n\r\nhi");
         sim.run(&[]);
         let t = sim.text(r);
-        assert!(t.contains("Content-Type: text/plain\r\n") && t.contains("X-Piping-K: v\r\n") && t.contains("Content-Length: 2\r\n"), "{t}");
+        assert!(
+            t.contains("Content-Type: text/plain\r\n")
+                && t.contains("X-Piping-K: v\r\n")
+                && t.contains("Content-Length: 2\r\n"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -1077,9 +1169,13 @@ mod tests {
     #[test]
     fn expect_continue_is_answered_before_the_progress_response() {
         let mut sim = Sim::new(1, 4096, 1000);
-        let s = sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+        let s = sim.join(
+            "PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+        );
         sim.run(&[]);
-        assert!(sim.text(s).starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
+        assert!(sim
+            .text(s)
+            .starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
     }
 
     #[test]

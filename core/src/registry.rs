@@ -30,7 +30,10 @@ pub struct Registry<H> {
 
 impl<H> Default for Registry<H> {
     fn default() -> Self {
-        Registry { pipes: HashMap::new(), next_id: 1 }
+        Registry {
+            pipes: HashMap::new(),
+            next_id: 1,
+        }
     }
 }
 
@@ -55,7 +58,14 @@ impl<H> Registry<H> {
         if !self.pipes.contains_key(name) {
             let id = self.next_id;
             self.next_id += 1;
-            let entry = Entry { id, n, sender: false, receivers: 0, running: false, handle: make(id) };
+            let entry = Entry {
+                id,
+                n,
+                sender: false,
+                receivers: 0,
+                running: false,
+                handle: make(id),
+            };
             self.pipes.insert(name.to_owned(), entry);
             new = true;
         }
@@ -66,7 +76,10 @@ impl<H> Registry<H> {
             return Err(Reject::Busy);
         }
         if e.n != n {
-            return Err(Reject::NMismatch { expected: e.n, asked: n });
+            return Err(Reject::NMismatch {
+                expected: e.n,
+                asked: n,
+            });
         }
         match role {
             Role::Sender if e.sender => return Err(Reject::SenderTaken),
@@ -74,7 +87,11 @@ impl<H> Registry<H> {
             Role::Receiver if e.receivers >= e.n => return Err(Reject::ReceiversFull { n: e.n }),
             Role::Receiver => e.receivers += 1,
         }
-        Ok(Admitted { id: e.id, handle: &e.handle, new })
+        Ok(Admitted {
+            id: e.id,
+            handle: &e.handle,
+            new,
+        })
     }
 
     /// A waiting party left pipe `id`. Returns true if the pipe is now empty and gone.
@@ -129,10 +146,16 @@ mod tests {
         let e = admit(&mut r, "a", Role::Sender, 2).unwrap_err();
         assert_eq!(e.to_string(), "this pipe expects n=3, you asked n=2");
         assert_eq!(admit(&mut r, "a", Role::Sender, 3), Ok(id));
-        assert_eq!(admit(&mut r, "a", Role::Sender, 3), Err(Reject::SenderTaken));
+        assert_eq!(
+            admit(&mut r, "a", Role::Sender, 3),
+            Err(Reject::SenderTaken)
+        );
         assert_eq!(admit(&mut r, "a", Role::Receiver, 3), Ok(id));
         assert_eq!(admit(&mut r, "a", Role::Receiver, 3), Ok(id));
-        assert_eq!(admit(&mut r, "a", Role::Receiver, 3), Err(Reject::ReceiversFull { n: 3 }));
+        assert_eq!(
+            admit(&mut r, "a", Role::Receiver, 3),
+            Err(Reject::ReceiversFull { n: 3 })
+        );
     }
 
     #[test]

@@ -176,8 +176,9 @@ fn parse_digits(v: &[u8]) -> Option<u64> {
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    v.iter()
-        .try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    v.iter().try_fold(0u64, |acc, &d| {
+        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 fn keep_alive(head: &Head) -> bool {
@@ -278,7 +279,10 @@ fn percent_decode(name: &str) -> Result<String, Reject> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = |c: u8| (c as char).to_digit(16);
-            match (bytes.get(i + 1).and_then(|&c| hex(c)), bytes.get(i + 2).and_then(|&c| hex(c))) {
+            match (
+                bytes.get(i + 1).and_then(|&c| hex(c)),
+                bytes.get(i + 2).and_then(|&c| hex(c)),
+            ) {
                 (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
                 _ => return Err(Reject::Malformed("bad percent-encoding in the path")),
             }
@@ -291,7 +295,11 @@ fn percent_decode(name: &str) -> Result<String, Reject> {
     // Names are compared as bytes; a lossless string keeps them printable in logs.
     Ok(match String::from_utf8(out) {
         Ok(s) => s,
-        Err(e) => e.into_bytes().iter().map(|&b| format!("%{b:02X}")).collect(),
+        Err(e) => e
+            .into_bytes()
+            .iter()
+            .map(|&b| format!("%{b:02X}"))
+            .collect(),
     })
 }
 
@@ -313,26 +321,55 @@ mod tests {
     }
 
     fn pipe(name: &str, role: Role, n: usize) -> Route {
-        Route::Pipe { name: name.into(), role, n }
+        Route::Pipe {
+            name: name.into(),
+            role,
+            n,
+        }
     }
 
     #[test]
     fn prefix_and_bare_path_name_the_same_pipe() {
-        assert_eq!(get("/api/v1/pipe/a/b?n=3").unwrap().route, pipe("a/b", Role::Receiver, 3));
-        assert_eq!(get("/a/b?n=3").unwrap().route, pipe("a/b", Role::Receiver, 3));
+        assert_eq!(
+            get("/api/v1/pipe/a/b?n=3").unwrap().route,
+            pipe("a/b", Role::Receiver, 3)
+        );
+        assert_eq!(
+            get("/a/b?n=3").unwrap().route,
+            pipe("a/b", Role::Receiver, 3)
+        );
         assert_eq!(get("/a%2Fb").unwrap().route, pipe("a/b", Role::Receiver, 1));
-        assert_eq!(get("/api/v1/pipe/help").unwrap().route, pipe("help", Role::Receiver, 1));
-        assert_eq!(get("/x?foo=1&n=2#frag").unwrap().route, pipe("x", Role::Receiver, 2));
+        assert_eq!(
+            get("/api/v1/pipe/help").unwrap().route,
+            pipe("help", Role::Receiver, 1)
+        );
+        assert_eq!(
+            get("/x?foo=1&n=2#frag").unwrap().route,
+            pipe("x", Role::Receiver, 2)
+        );
     }
 
     #[test]
     fn n_outside_one_to_max_is_400_saying_what_is_allowed() {
-        for q in ["n=0", "n=-1", "n=abc", "n=1.5", "n=", "n=1001", "n=+2", "n=99999999999999999999", "n=1&n=2"] {
+        for q in [
+            "n=0",
+            "n=-1",
+            "n=abc",
+            "n=1.5",
+            "n=",
+            "n=1001",
+            "n=+2",
+            "n=99999999999999999999",
+            "n=1&n=2",
+        ] {
             let e = get(&format!("/x?{q}")).unwrap_err();
             assert_eq!(e.status(), 400, "{q}");
             assert!(e.to_string().contains("from 1 to 1000"), "{q}");
         }
-        assert_eq!(get("/x?n=1000").unwrap().route, pipe("x", Role::Receiver, 1000));
+        assert_eq!(
+            get("/x?n=1000").unwrap().route,
+            pipe("x", Role::Receiver, 1000)
+        );
     }
 
     #[test]
@@ -342,8 +379,16 @@ mod tests {
         let e = req("PUT /help HTTP/1.1\r\nHost: h\r\n\r\n").unwrap_err();
         assert_eq!(e.status(), 400);
         assert_eq!(get("/api/v1/pipe/").unwrap_err(), Reject::NoName);
-        assert_eq!(req("DELETE /x HTTP/1.1\r\nHost: h\r\n\r\n").unwrap_err().status(), 405);
-        assert_eq!(req("OPTIONS /x HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().route, Route::Preflight);
+        assert_eq!(
+            req("DELETE /x HTTP/1.1\r\nHost: h\r\n\r\n")
+                .unwrap_err()
+                .status(),
+            405
+        );
+        assert_eq!(
+            req("OPTIONS /x HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().route,
+            Route::Preflight
+        );
     }
 
     #[test]
@@ -357,7 +402,10 @@ mod tests {
             ("Content-Length: 99999999999999999999999", 400),
             ("Transfer-Encoding: gzip", 501),
             ("Transfer-Encoding: gzip, chunked", 501),
-            ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", 501),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+                501,
+            ),
             ("Expect: something", 417),
         ];
         for (h, status) in cases {
@@ -367,7 +415,12 @@ mod tests {
         let e = req("PUT /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap_err();
         assert_eq!(e.status(), 400);
         assert_eq!(req("GET / HTTP/1.1\r\n\r\n").unwrap_err().status(), 400);
-        assert_eq!(req("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").unwrap_err().status(), 400);
+        assert_eq!(
+            req("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+                .unwrap_err()
+                .status(),
+            400
+        );
         assert!(req("GET / HTTP/1.0\r\n\r\n").is_ok());
         let r = req("PUT /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\nExpect: 100-Continue\r\n\r\n").unwrap();
         assert_eq!(r.framing, Framing::Chunked);
@@ -378,14 +431,28 @@ mod tests {
     fn sender_headers_are_kept_for_receivers() {
         let r = req("PUT /x HTTP/1.1\r\nHost: h\r\nContent-Type: text/csv\r\nX-Piping-A: 1\r\nx-piping: 2\r\nX-Other: 3\r\n\r\n").unwrap();
         assert_eq!(r.pass_on.content_type.as_deref(), Some("text/csv"));
-        assert_eq!(r.pass_on.x_piping, vec![("X-Piping-A".into(), "1".into()), ("x-piping".into(), "2".into())]);
+        assert_eq!(
+            r.pass_on.x_piping,
+            vec![
+                ("X-Piping-A".into(), "1".into()),
+                ("x-piping".into(), "2".into())
+            ]
+        );
     }
 
     #[test]
     fn keep_alive_follows_version_and_connection() {
         assert!(get("/").unwrap().keep_alive);
-        assert!(!req("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap().keep_alive);
+        assert!(
+            !req("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
         assert!(!req("GET / HTTP/1.0\r\n\r\n").unwrap().keep_alive);
-        assert!(req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().keep_alive);
+        assert!(
+            req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
     }
 }

@@ -39,7 +39,14 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 pub const PROBE: &[u8] = b"HTTP/1.1 102 Processing\r\n\r\n";
 
 /// A complete response with a short text body.
-pub fn text(out: &mut Vec<u8>, status: u16, body: &str, keep_alive: bool, head_only: bool, extra: &str) {
+pub fn text(
+    out: &mut Vec<u8>,
+    status: u16,
+    body: &str,
+    keep_alive: bool,
+    head_only: bool,
+    extra: &str,
+) {
     let _ = write!(
         out,
         "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{COMMON}{extra}{}\r\n",
@@ -59,7 +66,14 @@ pub fn reject(out: &mut Vec<u8>, why: &Reject, keep_alive: bool) {
     } else {
         String::new()
     };
-    text(out, why.status(), &format!("{why}\n"), keep_alive, false, &extra);
+    text(
+        out,
+        why.status(),
+        &format!("{why}\n"),
+        keep_alive,
+        false,
+        &extra,
+    );
 }
 
 /// The answer to a CORS preflight.
@@ -71,19 +85,48 @@ pub fn preflight(out: &mut Vec<u8>, requested: Option<&str>, keep_alive: bool) {
     if let Some(h) = requested.filter(|h| !h.is_empty()) {
         let _ = write!(out, "Access-Control-Allow-Headers: {h}\r\n");
     }
-    let _ = write!(out, "Access-Control-Max-Age: 86400\r\n{}\r\n", connection(keep_alive));
+    let _ = write!(
+        out,
+        "Access-Control-Max-Age: 86400\r\n{}\r\n",
+        connection(keep_alive)
+    );
 }
 
 /// The answer to a reserved page.
-pub fn page(out: &mut Vec<u8>, page: Page, base_url: &str, metrics: &str, keep_alive: bool, head_only: bool) {
+pub fn page(
+    out: &mut Vec<u8>,
+    page: Page,
+    base_url: &str,
+    metrics: &str,
+    keep_alive: bool,
+    head_only: bool,
+) {
     match page {
         Page::Usage => text(out, 200, &usage(base_url), keep_alive, head_only, ""),
-        Page::Version => text(out, 200, &format!("fanpipe {}\n", crate::VERSION), keep_alive, head_only, ""),
+        Page::Version => text(
+            out,
+            200,
+            &format!("fanpipe {}\n", crate::VERSION),
+            keep_alive,
+            head_only,
+            "",
+        ),
         Page::Health => text(out, 200, "ok\n", keep_alive, head_only, ""),
         Page::Metrics => text(out, 200, metrics, keep_alive, head_only, ""),
-        Page::Robots => text(out, 200, "User-agent: *\nDisallow: /\n", keep_alive, head_only, ""),
+        Page::Robots => text(
+            out,
+            200,
+            "User-agent: *\nDisallow: /\n",
+            keep_alive,
+            head_only,
+            "",
+        ),
         Page::Favicon => {
-            let _ = write!(out, "HTTP/1.1 204 No Content\r\n{COMMON}{}\r\n", connection(keep_alive));
+            let _ = write!(
+                out,
+                "HTTP/1.1 204 No Content\r\n{COMMON}{}\r\n",
+                connection(keep_alive)
+            );
         }
     }
 }
@@ -194,7 +237,12 @@ mod tests {
         assert!(h.contains("Content-Disposition: attachment; filename=a.tar\r\n"));
         assert!(h.contains("X-Piping-Id: 7\r\n"));
         assert!(h.contains("Access-Control-Expose-Headers: Content-Type, Content-Length, Content-Disposition, X-Piping-Id\r\n"));
-        for must in ["Access-Control-Allow-Origin: *", "Cache-Control: no-store", "X-Content-Type-Options: nosniff", "X-Robots-Tag: none"] {
+        for must in [
+            "Access-Control-Allow-Origin: *",
+            "Cache-Control: no-store",
+            "X-Content-Type-Options: nosniff",
+            "X-Robots-Tag: none",
+        ] {
             assert!(h.contains(must), "{must}");
         }
         let h = head_of(&PassOn::default(), None);
