@@ -1001,6 +1001,26 @@ mod tests {
     }
 
     #[test]
+    fn one_big_chunk_arriving_after_the_start_reaches_the_receiver() {
+        for piece in [4096, 65536, 100_000] {
+            let data = body(256 * 1024);
+            let mut sim = Sim::new(1, 1 << 20, piece);
+            let r = sim.receiver(1);
+            let s = sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
+            sim.run(&[]);
+            let mut input = format!("{:x}\r\n", data.len()).into_bytes();
+            input.extend_from_slice(&data);
+            input.extend_from_slice(b"\r\n");
+            sim.clients[s].input = input;
+            sim.run(&[]);
+            let got = &sim.clients[r].got;
+            let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let (body, _) = crate::chunked::tests::decode_all(Framing::Chunked, &got[at..], 7).unwrap();
+            assert_eq!(body.len(), data.len(), "piece {piece}");
+        }
+    }
+
+    #[test]
     fn no_byte_moves_before_all_receivers_are_there() {
         let mut sim = Sim::new(2, 4096, 1000);
         let s = sim.sender(2, b"hello", false);
