@@ -61,22 +61,6 @@ impl Reject {
             Reject::Timeout => 408,
         }
     }
-
-    /// Whether the connection can go on after this answer: never after a broken head.
-    pub fn keeps_connection(&self) -> bool {
-        matches!(
-            self,
-            Reject::InvalidN { .. }
-                | Reject::NMismatch { .. }
-                | Reject::Reserved(_)
-                | Reject::NoName
-                | Reject::SenderTaken
-                | Reject::ReceiversFull { .. }
-                | Reject::Busy
-                | Reject::Method
-                | Reject::NotFound
-        )
-    }
 }
 
 impl fmt::Display for Reject {

@@ -1015,7 +1015,8 @@ mod tests {
             sim.run(&[]);
             let got = &sim.clients[r].got;
             let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            let (body, _) = crate::chunked::tests::decode_all(Framing::Chunked, &got[at..], 7).unwrap();
+            let (body, _) =
+                crate::chunked::tests::decode_all(Framing::Chunked, &got[at..], 7).unwrap();
             assert_eq!(body.len(), data.len(), "piece {piece}");
         }
     }
