@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use fanpipe_core::config::MIN_BUFFER_SIZE;
@@ -31,6 +32,18 @@ struct Args {
     /// Bytes buffered per running pipe between the sender and its slowest receiver.
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(MIN_BUFFER_SIZE as u64..=1 << 32))]
     buffer_size: u64,
+    /// Largest request head in bytes (431 past it); the request line alone may have 8 KiB (414).
+    #[arg(long, default_value_t = 32 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 20))]
+    max_head_size: u64,
+    /// Most header fields in one request (431 past it).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(8..=10_000))]
+    max_headers: u64,
+    /// Seconds a client has to send a whole request head once it started (408 after).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    head_timeout: u64,
+    /// Seconds an idle keep-alive connection is kept open.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    keepalive_timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +59,11 @@ fn main() -> ExitCode {
     let config = Config {
         max_receivers: args.max_receivers as usize,
         buffer_size: args.buffer_size as usize,
+        max_head_size: args.max_head_size as usize,
+        max_request_line: (args.max_head_size as usize).min(8 * 1024),
+        max_headers: args.max_headers as usize,
+        head_timeout: Duration::from_secs(args.head_timeout),
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout),
         ..Config::default()
     };
     let result = backend::run(args.listen, config, |addr| {
