@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
 
@@ -66,6 +67,7 @@ fn mismatched_receiver_is_400_and_the_pipe_goes_on() {
     let name = pipe_name("mismatch");
     let bytes = payload(400_000, 50);
     let mut sender = Sender::spawn(&server.pipe_url(&name, Some(3)), Upload::Stdin, &dir, &[]);
+    sender.feed(bytes.clone());
     sender.wait_registered();
     get(&server.pipe_url(&name, Some(2))).assert_status_and_text(
         400,
@@ -87,12 +89,10 @@ fn mismatched_receiver_is_400_and_the_pipe_goes_on() {
             )
         })
         .collect();
-    let feeder = sender.feed(bytes.clone());
     for receiver in receivers {
         receiver.finish().assert_got(&bytes);
     }
     sender.finish().assert_done(bytes.len() as u64, 3);
-    feeder.join().unwrap();
 }
 
 #[test]
@@ -112,12 +112,11 @@ fn mismatched_sender_is_400_and_waiting_receivers_stay() {
     );
     let bytes = payload(300_000, 51);
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
-    let feeder = sender.feed(bytes.clone());
+    sender.feed(bytes.clone());
     for receiver in receivers {
         receiver.finish().assert_got(&bytes);
     }
     sender.finish().assert_done(bytes.len() as u64, 2);
-    feeder.join().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -129,7 +128,9 @@ fn second_sender_is_409_and_the_pipe_goes_on() {
     let server = Server::start(&[]);
     let dir = TempDir::new("two-senders");
     let url = server.pipe_url(&pipe_name("two-senders"), None);
+    let bytes = payload(300_000, 52);
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    sender.feed(bytes.clone());
     sender.wait_registered();
     for method in ["PUT", "POST"] {
         let reply = send_small(method, &url, "intruder");
@@ -141,12 +142,9 @@ fn second_sender_is_409_and_the_pipe_goes_on() {
         );
         assert!(!reply.text().trim().is_empty(), "409 should say why");
     }
-    let bytes = payload(300_000, 52);
     let receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
-    let feeder = sender.feed(bytes.clone());
     receiver.finish().assert_got(&bytes);
     sender.finish().assert_done(bytes.len() as u64, 1);
-    feeder.join().unwrap();
 }
 
 #[test]
@@ -168,14 +166,13 @@ fn receiver_beyond_n_is_409_and_the_pipe_goes_on() {
     assert!(!reply.text().trim().is_empty(), "409 should say why");
     let bytes = payload(600_000, 53);
     let mut sender = Sender::spawn(&server.url(&path), Upload::Stdin, &dir, &[]);
-    let feeder = sender.feed(bytes.clone());
+    sender.feed(bytes.clone());
     for (i, receiver) in waiting.iter_mut().enumerate() {
         let (head, body) = receiver.read_response();
         assert_eq!(head.status, 200, "waiting receiver {i}");
         assert_same_bytes(&format!("waiting receiver {i}"), &bytes, &body);
     }
     sender.finish().assert_done(bytes.len() as u64, 2);
-    feeder.join().unwrap();
 }
 
 #[test]
@@ -216,10 +213,9 @@ fn newcomer_during_a_running_transfer_is_409() {
     let again = payload(2000, 55);
     let receiver = Receiver::spawn(&url, &dir, "next", &[]);
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
-    let feeder = sender.feed(again.clone());
+    sender.feed(again.clone());
     receiver.finish().assert_got(&again);
     sender.finish().assert_done(again.len() as u64, 1);
-    feeder.join().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -530,8 +526,9 @@ fn unknown_http_version_is_505() {
     expect_statuses(&server, cases);
 }
 
-/// A chunked upload that turns bad after a good chunk of `hello`: the receivers (one raw,
-/// one curl) must see a cut, never a clean end, while the sender's connection stays open.
+/// A chunked upload whose first chunk (`hello`) reaches the receivers, then turns bad: the
+/// receivers (one raw, one curl) must see a cut, never a clean end, and the sender an
+/// `[ERROR]` and a closed connection.
 fn bad_chunk_case((addr, name, tail): (SocketAddr, String, Vec<u8>)) -> Result<(), String> {
     let dir = TempDir::new("bad-chunk");
     let path = format!("/api/v1/pipe/{name}?n=2");
@@ -544,8 +541,10 @@ fn bad_chunk_case((addr, name, tail): (SocketAddr, String, Vec<u8>)) -> Result<(
     );
     let mut upload = raw_head("PUT", &path, &["Transfer-Encoding: chunked"]);
     upload.extend_from_slice(b"5\r\nhello\r\n");
-    upload.extend_from_slice(&tail);
     let mut sender = Raw::open_addr(addr, &upload);
+    // The transfer runs: the good chunk reached the receivers. Now the bad bytes.
+    curl_receiver.wait_for_bytes(5);
+    sender.send(&tail);
 
     let head = raw_receiver.try_read_head()?;
     if head.status != 200 || !head.is_chunked() {
@@ -564,17 +563,19 @@ fn bad_chunk_case((addr, name, tail): (SocketAddr, String, Vec<u8>)) -> Result<(
             String::from_utf8_lossy(&body)
         ));
     }
-    if !b"helloabc".starts_with(&body) {
+    if !body.starts_with(b"hello") || !b"helloabc".starts_with(&body) {
         return Err(format!(
-            "the raw receiver got bytes that are not the good data: {:?}",
+            "the raw receiver should get the good data and nothing else: {:?}",
             String::from_utf8_lossy(&body)
         ));
     }
     let received = curl_receiver.finish();
     if received.code == 0 || received.code == CURL_TIMED_OUT {
         return Err(format!(
-            "the curl receiver exited {} (0: clean end, 28: never closed)",
-            received.code
+            "the curl receiver exited {} (0: clean end, 28: never closed): {} bytes, {}",
+            received.code,
+            received.body.len(),
+            received.stderr.trim()
         ));
     }
     let answer = sender.read_to_end();
@@ -618,6 +619,26 @@ fn malformed_chunked_body_never_reaches_receivers_as_a_clean_end() {
         })
         .collect();
     check_all(cases, bad_chunk_case);
+}
+
+#[test]
+fn head_that_never_ends_is_dropped() {
+    // Slow-loris: a head started and never finished must not hold a connection forever.
+    let server = Server::start(&[]);
+    let mut conn = Raw::open(&server, b"GET /healthz HTTP/1.1\r\nHost: h\r\n");
+    let tail = conn.read_to_end_within(Duration::from_secs(40));
+    assert!(
+        tail.closed(),
+        "a connection with an unfinished head was kept open for 40 s"
+    );
+    if let Some(status) = tail.status() {
+        assert_eq!(
+            status,
+            408,
+            "answer to an unfinished head: {:?}",
+            tail.text()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -687,7 +708,7 @@ fn refused_request_never_gets_100_continue() {
     check_all(
         cases,
         |(addr, bytes, status): (SocketAddr, Vec<u8>, u16)| {
-            let head = Raw::open_addr(addr, &bytes).try_read_head()?;
+            let head = Raw::open_addr(addr, &bytes).try_read_any_head()?;
             if head.status != status {
                 return Err(format!("first answer {} (expected {status})", head.status));
             }

@@ -3,6 +3,9 @@
 
 mod common;
 
+use std::thread;
+use std::time::{Duration, Instant};
+
 use common::*;
 
 const MIB: usize = 1024 * 1024;
@@ -40,10 +43,9 @@ fn fan_out_from_stdin(n: u32, len: usize, seed: u64) {
     let url = server.pipe_url(&pipe_name("fan-out"), Some(n));
     let receivers = spawn_receivers(&url, &dir, "receiver", n, &[]);
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
-    let feeder = sender.feed(bytes.clone());
+    sender.feed(bytes.clone());
     assert_all_got(receivers, &bytes);
     sender.finish().assert_done(len as u64, n);
-    feeder.join().unwrap();
 }
 
 #[test]
@@ -106,12 +108,11 @@ fn receivers_after_the_sender() {
     let bytes = payload(MIB + 17, 6);
     let url = server.pipe_url(&pipe_name("after"), Some(3));
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    sender.feed(bytes.clone());
     sender.wait_registered();
-    let feeder = sender.feed(bytes.clone());
     let receivers = spawn_receivers(&url, &dir, "receiver", 3, &[]);
     assert_all_got(receivers, &bytes);
     sender.finish().assert_done(bytes.len() as u64, 3);
-    feeder.join().unwrap();
 }
 
 #[test]
@@ -123,12 +124,11 @@ fn receivers_before_and_after_the_sender() {
     let mut receivers = spawn_receivers(&url, &dir, "early", 2, &[]);
     settle();
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    sender.feed(bytes.clone());
     sender.wait_registered();
-    let feeder = sender.feed(bytes.clone());
     receivers.extend(spawn_receivers(&url, &dir, "late", 2, &[]));
     assert_all_got(receivers, &bytes);
     sender.finish().assert_done(bytes.len() as u64, 4);
-    feeder.join().unwrap();
 }
 
 #[test]
@@ -143,11 +143,11 @@ fn nothing_moves_before_every_receiver_is_there() {
     );
     let url = server.pipe_url(&name, Some(2));
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
+    sender.feed(bytes.clone());
     sender.wait_registered();
-    let feeder = sender.feed(bytes.clone());
     settle();
     assert!(
-        first.nothing_arrived(),
+        first.no_response_yet(),
         "a receiver got bytes while the pipe still waited for its second receiver"
     );
     let second = Receiver::spawn(&url, &dir, "second", &[]);
@@ -156,7 +156,42 @@ fn nothing_moves_before_every_receiver_is_there() {
     assert_same_bytes("first receiver", &bytes, &body);
     second.finish().assert_got(&bytes);
     sender.finish().assert_done(bytes.len() as u64, 2);
-    feeder.join().unwrap();
+}
+
+#[test]
+fn requests_split_at_every_byte_still_work() {
+    let server = Server::start(&[]);
+    let path = format!("/api/v1/pipe/{}", pipe_name("bytewise"));
+    let mut receiver = Raw::connect(&server);
+    receiver.send_bytewise(&raw_head("GET", &path, &["Accept: */*"]));
+    let mut sender = Raw::connect(&server);
+    sender.send_bytewise(&raw_head(
+        "PUT",
+        &path,
+        &["Transfer-Encoding: chunked", "Content-Type: text/plain"],
+    ));
+    let sender_head = sender.read_head();
+    assert_eq!(sender_head.status, 200, "sender");
+    let body = b"split at every byte, still one body";
+    let mut upload = Vec::new();
+    for piece in body.chunks(7) {
+        upload.extend_from_slice(format!("{:x};ext=1\r\n", piece.len()).as_bytes());
+        upload.extend_from_slice(piece);
+        upload.extend_from_slice(b"\r\n");
+    }
+    upload.extend_from_slice(b"0\r\nX-Trailer: t\r\n\r\n");
+    sender.send_bytewise(&upload);
+    let (head, got) = receiver.read_response();
+    assert_eq!(head.status, 200, "receiver");
+    assert_same_bytes("receiver", body, &got);
+    let (lines, end) = sender.read_body(&sender_head);
+    assert!(end.complete, "sender's response cut: {end:?}");
+    let lines = String::from_utf8_lossy(&lines).into_owned();
+    assert_eq!(
+        parse_done(lines.lines().last().unwrap_or_default()),
+        Some((body.len() as u64, 1, 1)),
+        "sender's summary: {lines:?}"
+    );
 }
 
 #[test]
@@ -182,10 +217,9 @@ fn bare_and_prefixed_paths_name_one_pipe() {
         let bytes = payload(100_000 + i, 8 + i as u64);
         let receiver = Receiver::spawn(&server.url(receive_path), &dir, &format!("pair-{i}"), &[]);
         let mut sender = Sender::spawn(&server.url(send_path), Upload::Stdin, &dir, &[]);
-        let feeder = sender.feed(bytes.clone());
+        sender.feed(bytes.clone());
         receiver.finish().assert_got(&bytes);
         sender.finish().assert_done(bytes.len() as u64, 1);
-        feeder.join().unwrap();
     }
 }
 
@@ -198,10 +232,9 @@ fn reserved_names_are_pipes_under_the_api_prefix() {
         let url = server.url(&format!("/api/v1/pipe/{name}"));
         let receiver = Receiver::spawn(&url, &dir, name, &[]);
         let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
-        let feeder = sender.feed(bytes.clone());
+        sender.feed(bytes.clone());
         receiver.finish().assert_got(&bytes);
         sender.finish().assert_done(bytes.len() as u64, 1);
-        feeder.join().unwrap();
     }
 }
 
@@ -267,7 +300,7 @@ fn defaults_without_content_type_or_length() {
     let url = server.pipe_url(&pipe_name("defaults"), None);
     let receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
     let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
-    let feeder = sender.feed(bytes.clone());
+    sender.feed(bytes.clone());
     let received = receiver.finish();
     received.assert_got(&bytes);
     let head = received.head();
@@ -288,7 +321,6 @@ fn defaults_without_content_type_or_length() {
     assert_eq!(head.header("content-disposition"), None);
     assert_eq!(head.header("cache-control"), Some("no-store"));
     sender.finish().assert_done(bytes.len() as u64, 1);
-    feeder.join().unwrap();
 }
 
 #[test]
@@ -326,11 +358,10 @@ fn name_is_free_right_after_a_transfer() {
         let bytes = payload(200_000 + round as usize, 30 + round);
         let receivers = spawn_receivers(&url, &dir, &format!("round-{round}"), 2, &[]);
         let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
-        let feeder = sender.feed(bytes.clone());
+        sender.feed(bytes.clone());
         // The sender's curl ends when the transfer has ended: the next round starts at once.
         sender.finish().assert_done(bytes.len() as u64, 2);
         assert_all_got(receivers, &bytes);
-        feeder.join().unwrap();
     }
 }
 
@@ -357,21 +388,43 @@ fn forty_pipes_in_parallel() {
 #[test]
 fn waiting_receiver_that_disconnects_frees_its_place() {
     let server = Server::start(&[]);
-    let dir = TempDir::new("leaver");
-    let name = pipe_name("leaver");
-    let path = format!("/api/v1/pipe/{name}?n=2");
+    let path = format!("/api/v1/pipe/{}?n=2", pipe_name("leaver"));
     let leaver = Raw::open(&server, &raw_head("GET", &path, &[]));
     settle();
+    // Gone as a Ctrl-C'd curl goes: a FIN, which looks like a half-close until the server
+    // probes the socket, so its place may be freed a moment later.
     drop(leaver);
-    settle();
-    let url = server.url(&path);
+    let mut stayer = Raw::open(&server, &raw_head("GET", &path, &[]));
+    let mut joiner = attach_when_a_place_is_free(&server, &path);
     let bytes = payload(500_000, 40);
-    let receivers = spawn_receivers(&url, &dir, "receiver", 2, &[]);
-    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &[]);
-    let feeder = sender.feed(bytes.clone());
-    assert_all_got(receivers, &bytes);
+    let dir = TempDir::new("leaver");
+    let mut sender = Sender::spawn(&server.url(&path), Upload::Stdin, &dir, &[]);
+    sender.feed(bytes.clone());
+    for (label, receiver) in [("stayer", &mut stayer), ("joiner", &mut joiner)] {
+        let (head, body) = receiver.read_response();
+        assert_eq!(head.status, 200, "{label}");
+        assert_same_bytes(label, &bytes, &body);
+    }
     sender.finish().assert_done(bytes.len() as u64, 2);
-    feeder.join().unwrap();
+}
+
+/// A raw receiver of `path` that got a place: retried while the pipe answers `409` (all its
+/// places taken), for up to 20 s. A newcomer with no answer within 2 s is waiting in it.
+fn attach_when_a_place_is_free(server: &Server, path: &str) -> Raw {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut receiver = Raw::open(server, &raw_head("GET", path, &[]));
+        match receiver.head_within(Duration::from_secs(2)) {
+            None => return receiver,
+            Some(head) if head.status == 409 && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(100));
+            }
+            Some(head) => panic!(
+                "a receiver on a pipe with a free place got {} (a place is never freed?)",
+                head.status
+            ),
+        }
+    }
 }
 
 #[test]
@@ -392,9 +445,9 @@ fn expect_100_continue_is_answered_before_the_response() {
         ),
     );
     // No receiver yet: the 100 and the streamed 200 come at once, in that order.
-    let first = sender.read_head();
+    let first = sender.read_any_head();
     assert_eq!(first.status, 100, "first answer to Expect: 100-continue");
-    let response = sender.read_head();
+    let response = sender.read_any_head();
     assert_eq!(response.status, 200, "the sender's response starts at once");
     assert_eq!(
         response.header("content-type"),
@@ -472,12 +525,11 @@ fn half_closed_receiver_gets_the_whole_stream() {
     receiver.shutdown_write();
     settle();
     let mut sender = Sender::spawn(&server.pipe_url(&name, None), Upload::Stdin, &dir, &[]);
-    let feeder = sender.feed(bytes.clone());
+    sender.feed(bytes.clone());
     let head = receiver.read_head();
     assert_eq!(head.status, 200, "half-closed receiver's status");
     let (body, end) = receiver.read_body(&head);
     assert!(end.complete, "half-closed receiver's body cut: {end:?}");
     assert_same_bytes("half-closed receiver", &bytes, &body);
     sender.finish().assert_done(bytes.len() as u64, 1);
-    feeder.join().unwrap();
 }

@@ -299,7 +299,14 @@ pub fn check_all<T: Send + 'static>(cases: Vec<(String, T)>, check: fn(T) -> Res
         .filter_map(|(label, handle)| match handle.join() {
             Ok(Ok(())) => None,
             Ok(Err(why)) => Some(format!("{label}: {why}")),
-            Err(_) => Some(format!("{label}: panicked")),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Some(format!("{label}: panicked: {why}"))
+            }
         })
         .collect();
     assert!(
@@ -583,7 +590,7 @@ fn final_head(mut data: &[u8]) -> Result<(Head, Vec<u8>), String> {
     }
 }
 
-/// A receiver: `curl -D HEADFILE -o BODYFILE URL`, running until `finish`.
+/// A receiver: `curl -N -D HEADFILE -o BODYFILE URL`, running until `finish`.
 pub struct Receiver {
     proc: Proc,
     label: String,
@@ -598,8 +605,10 @@ impl Receiver {
         let head_path = dir.file(&format!("{label}.head"));
         let err_path = dir.file(&format!("{label}.err"));
         let err = File::create(&err_path).expect("create stderr file");
+        // -N: no output buffering, so the file's size is what arrived (`received`).
         let proc = Proc::spawn(
             curl()
+                .arg("-N")
                 .arg("-D")
                 .arg(&head_path)
                 .arg("-o")
@@ -709,6 +718,9 @@ pub fn assert_cut_code(label: &str, code: i32, stderr: &str) {
 /// How a sender's body is handed to curl.
 pub enum Upload<'a> {
     /// `-T -`: chunked PUT from curl's stdin, which the test writes (`feed`, `take_stdin`).
+    /// curl blocks reading an idle stdin and reads no response meanwhile, so its output
+    /// shows only while the body flows or after it ended. (`-T .`, curl's non-blocking
+    /// stdin, showed no response line at all here with curl 7.88 and `-sS`.)
     Stdin,
     /// `-T FILE`: PUT with Content-Length.
     File(&'a Path),
@@ -723,6 +735,7 @@ pub struct Sender {
     lines_rx: mpsc::Receiver<String>,
     lines: Vec<String>,
     reader: Option<JoinHandle<()>>,
+    feeder: Option<JoinHandle<()>>,
     err_path: PathBuf,
 }
 
@@ -731,7 +744,7 @@ impl Sender {
         let err_path = dir.file(&format!("sender-{}.err", unique_suffix()));
         let err = File::create(&err_path).expect("create stderr file");
         let mut cmd = curl();
-        cmd.arg("-N").arg("-v").args(extra);
+        cmd.arg("-N").args(extra);
         match upload {
             Upload::Stdin => {
                 cmd.args(["-T", "-"]).stdin(Stdio::piped());
@@ -767,6 +780,7 @@ impl Sender {
             lines_rx,
             lines: Vec::new(),
             reader: Some(reader),
+            feeder: None,
             err_path,
         }
     }
@@ -779,11 +793,11 @@ impl Sender {
     }
 
     /// Writes `data` to curl's stdin from a thread, then closes it.
-    pub fn feed(&mut self, data: Vec<u8>) -> JoinHandle<()> {
+    pub fn feed(&mut self, data: Vec<u8>) {
         let mut stdin = self.take_stdin();
-        thread::spawn(move || {
+        self.feeder = Some(thread::spawn(move || {
             let _ = stdin.write_all(&data);
-        })
+        }));
     }
 
     /// The next line of the sender's response; panics if none comes within 20 s.
@@ -803,7 +817,8 @@ impl Sender {
     }
 
     /// Waits for the first line of the response, which comes at once: after it, the sender
-    /// is known to be registered on its pipe.
+    /// is known to be registered on its pipe. With `Upload::Stdin`, `feed` it first (see
+    /// there why).
     pub fn wait_registered(&mut self) {
         let line = self.next_line();
         assert!(
@@ -820,8 +835,11 @@ impl Sender {
     pub fn finish(mut self) -> Sent {
         drop(self.stdin.take());
         let code = self.proc.wait();
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
+        for thread in [self.reader.take(), self.feeder.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
         }
         let mut lines = std::mem::take(&mut self.lines);
         lines.extend(self.lines_rx.try_iter());
@@ -1195,6 +1213,7 @@ impl Raw {
 
     pub fn connect_addr(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).expect("connect to the server");
+        stream.set_nodelay(true).expect("set TCP_NODELAY");
         stream
             .set_read_timeout(Some(RAW_READ_TIMEOUT))
             .expect("set read timeout");
@@ -1224,6 +1243,45 @@ impl Raw {
         let _ = self.stream.write_all(bytes);
     }
 
+    /// A second handle on the socket, e.g. to write from another thread.
+    pub fn stream_clone(&self) -> TcpStream {
+        self.stream.try_clone().expect("clone the socket")
+    }
+
+    /// The next response head if one comes within `wait`; `None` if nothing complete came
+    /// (the request is still pending). Panics if the connection ends.
+    pub fn head_within(&mut self, wait: Duration) -> Option<Head> {
+        self.stream
+            .set_read_timeout(Some(wait))
+            .expect("set read timeout");
+        let deadline = Instant::now() + wait;
+        let head = loop {
+            match parse_head(&self.buf) {
+                Ok(Some((head, used))) => {
+                    self.buf.drain(..used);
+                    break Some(head);
+                }
+                Ok(None) => {}
+                Err(why) => panic!("{why}"),
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            match self.fill() {
+                Ok(_) => {}
+                Err(End::TimedOut) => break None,
+                Err(end) => panic!(
+                    "connection ended ({end:?}) while waiting for an answer; got {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
+        };
+        self.stream
+            .set_read_timeout(Some(RAW_READ_TIMEOUT))
+            .expect("set read timeout");
+        head
+    }
+
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(Shutdown::Write);
     }
@@ -1250,19 +1308,24 @@ impl Raw {
         }
     }
 
-    /// Whether nothing at all has arrived so far (a read now would block).
-    pub fn nothing_arrived(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
+    /// Whether no final response has begun so far: what arrived (read without blocking) is
+    /// at most interim (1xx) heads.
+    pub fn no_response_yet(&mut self) -> bool {
         self.stream.set_nonblocking(true).expect("set nonblocking");
-        let mut byte = [0; 1];
-        let nothing = matches!(
-            self.stream.peek(&mut byte),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock
-        );
+        while let Ok(n) = self.fill() {
+            if n == 0 {
+                break;
+            }
+        }
         self.stream.set_nonblocking(false).expect("set blocking");
-        nothing
+        let mut rest = &self.buf[..];
+        loop {
+            match parse_head(rest) {
+                Ok(Some((head, used))) if head.status < 200 => rest = &rest[used..],
+                Ok(Some(_)) | Err(_) => return false,
+                Ok(None) => return rest.is_empty() || rest.starts_with(b"HTTP/1.1 1"),
+            }
+        }
     }
 
     /// Reads until at least `n` unconsumed bytes are buffered (e.g. part of a body).
@@ -1277,9 +1340,27 @@ impl Raw {
         Ok(())
     }
 
+    /// Writes `bytes` one at a time, each in its own segment as far as TCP allows.
+    pub fn send_bytewise(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            if self.stream.write_all(std::slice::from_ref(byte)).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_micros(100));
+        }
+    }
+
     /// Reads until the server closes (or nothing comes within the read timeout).
     pub fn read_to_end(&mut self) -> Tail {
-        let deadline = Instant::now() + RAW_TOTAL_TIMEOUT;
+        self.read_to_end_within(RAW_TOTAL_TIMEOUT)
+    }
+
+    /// `read_to_end`, waiting up to `total` for each read and for the whole.
+    pub fn read_to_end_within(&mut self, total: Duration) -> Tail {
+        self.stream
+            .set_read_timeout(Some(total))
+            .expect("set read timeout");
+        let deadline = Instant::now() + total;
         let end = loop {
             if Instant::now() > deadline {
                 break End::TimedOut;
@@ -1294,8 +1375,9 @@ impl Raw {
         }
     }
 
-    /// Reads one response head (1xx included); `Err` if the connection ends first.
-    pub fn try_read_head(&mut self) -> Result<Head, String> {
+    /// Reads the next response head, an interim (1xx) one included; `Err` if the
+    /// connection ends first.
+    pub fn try_read_any_head(&mut self) -> Result<Head, String> {
         let deadline = Instant::now() + RAW_TOTAL_TIMEOUT;
         loop {
             if let Some((head, used)) = parse_head(&self.buf)? {
@@ -1310,6 +1392,21 @@ impl Raw {
                     "connection ended ({end:?}) before a response head; got {:?}",
                     String::from_utf8_lossy(&self.buf)
                 ));
+            }
+        }
+    }
+
+    pub fn read_any_head(&mut self) -> Head {
+        self.try_read_any_head()
+            .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Reads the final response head, skipping interim (1xx) ones as clients do.
+    pub fn try_read_head(&mut self) -> Result<Head, String> {
+        loop {
+            let head = self.try_read_any_head()?;
+            if head.status >= 200 {
+                return Ok(head);
             }
         }
     }
