@@ -25,6 +25,14 @@ pub struct Config {
     pub linger_timeout: Duration,
     /// How often a waiting receiver that half-closed is probed to see if it is still there.
     pub probe_interval: Duration,
+    /// How long a party may wait for its pipe to fill.
+    pub wait_timeout: Duration,
+    /// How long a running transfer may move no byte before its stalled parties are dropped.
+    pub idle_timeout: Duration,
+    /// Most open connections; more are answered `503` and closed.
+    pub max_connections: usize,
+    /// Most pipes (waiting or running); a party that would open one more gets `503`.
+    pub max_pipes: usize,
 }
 
 impl Default for Config {
@@ -40,6 +48,10 @@ impl Default for Config {
             write_timeout: Duration::from_secs(60),
             linger_timeout: Duration::from_secs(2),
             probe_interval: Duration::from_secs(1),
+            wait_timeout: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            max_pipes: 10_000,
         }
     }
 }

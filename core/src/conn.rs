@@ -59,6 +59,7 @@ pub struct Conn {
     pending: Option<Request>,
     discard: Vec<u8>,
     discarded: usize,
+    refused: Option<Reject>,
 }
 
 /// Most bytes read and thrown away while lingering before a close.
@@ -88,6 +89,7 @@ impl Conn {
             pending: None,
             discard: Vec::new(),
             discarded: 0,
+            refused: None,
         }
     }
 
@@ -228,7 +230,12 @@ impl Conn {
         })
     }
 
-    /// The registry refused the pipe request: answer it and close.
+    /// The last request this connection refused, for the logs and metrics.
+    pub fn take_refused(&mut self) -> Option<Reject> {
+        self.refused.take()
+    }
+
+    /// The request is refused (by the registry, or the server is full): answer it and close.
     pub fn handle_refused(&mut self, why: &Reject, now: Instant) {
         self.refuse(why, now);
     }
@@ -268,6 +275,7 @@ impl Conn {
     }
 
     fn refuse(&mut self, why: &Reject, now: Instant) {
+        self.refused = Some(why.clone());
         self.out.clear();
         self.out_pos = 0;
         response::reject(&mut self.out, why, false);

@@ -39,6 +39,14 @@ pub enum Reject {
     NeedsLength,
     /// The client took too long to send its request head.
     Timeout,
+    /// The pipe did not fill within the wait timeout.
+    WaitTimeout { secs: u64 },
+    /// Too many open connections.
+    TooManyConnections,
+    /// Too many pipes.
+    TooManyPipes,
+    /// The server is shutting down.
+    ShuttingDown,
 }
 
 impl Reject {
@@ -58,7 +66,8 @@ impl Reject {
             Reject::SenderTaken | Reject::ReceiversFull { .. } | Reject::Busy => 409,
             Reject::Method => 405,
             Reject::NotFound => 404,
-            Reject::Timeout => 408,
+            Reject::Timeout | Reject::WaitTimeout { .. } => 408,
+            Reject::TooManyConnections | Reject::TooManyPipes | Reject::ShuttingDown => 503,
         }
     }
 }
@@ -98,6 +107,13 @@ impl fmt::Display for Reject {
                 "the sender gave no Content-Length, so an HTTP/1.0 client cannot see the end; use HTTP/1.1",
             ),
             Reject::Timeout => f.write_str("request head not received in time"),
+            Reject::WaitTimeout { secs } => write!(
+                f,
+                "no transfer started within {secs} s: the sender and all receivers must connect in that time"
+            ),
+            Reject::TooManyConnections => f.write_str("too many connections; retry later"),
+            Reject::TooManyPipes => f.write_str("too many pipes open; retry later"),
+            Reject::ShuttingDown => f.write_str("the server is shutting down; retry later"),
         }
     }
 }

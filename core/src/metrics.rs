@@ -1,59 +1,151 @@
 //! Counters for `/metrics`, in the Prometheus text format.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use crate::error::Reject;
 use crate::pipe::{Outcome, Summary};
+use crate::registry::Counts;
 
 /// What the server has done since it started.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
-    pub transfers_complete: u64,
-    pub transfers_receivers_lost: u64,
-    pub transfers_sender_gone: u64,
-    pub transfers_malformed: u64,
-    pub bytes_received: u64,
-    pub bytes_delivered: u64,
+    /// Finished transfers by outcome label.
+    transfers: BTreeMap<&'static str, u64>,
+    /// Refused requests by status.
+    rejections: BTreeMap<u16, u64>,
+    bytes_received: u64,
+    bytes_delivered: u64,
 }
 
+/// The label of an outcome in `/metrics` and the logs.
+pub fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Complete => "complete",
+        Outcome::ReceiversLost => "receivers_lost",
+        Outcome::SenderGone => "sender_gone",
+        Outcome::Malformed(_) => "malformed",
+        Outcome::Stalled => "stalled",
+        Outcome::Shutdown => "shutdown",
+    }
+}
+
+const OUTCOMES: [&str; 6] = [
+    "complete",
+    "receivers_lost",
+    "sender_gone",
+    "malformed",
+    "stalled",
+    "shutdown",
+];
+
 impl Metrics {
-    /// Counts one finished transfer.
+    /// Counts one finished transfer. Bytes are counted when a transfer ends.
     pub fn record(&mut self, s: &Summary) {
-        match s.outcome {
-            Outcome::Complete => self.transfers_complete += 1,
-            Outcome::ReceiversLost => self.transfers_receivers_lost += 1,
-            Outcome::SenderGone => self.transfers_sender_gone += 1,
-            Outcome::Malformed(_) => self.transfers_malformed += 1,
-        }
+        *self.transfers.entry(outcome_label(s.outcome)).or_default() += 1;
         self.bytes_received += s.bytes;
         self.bytes_delivered += s.bytes * s.complete as u64;
     }
 
-    /// The text of `/metrics`, given the pipes that exist now.
-    pub fn render(&self, waiting: usize, running: usize) -> String {
+    /// Counts one refused request.
+    pub fn reject(&mut self, why: &Reject) {
+        *self.rejections.entry(why.status()).or_default() += 1;
+    }
+
+    /// The text of `/metrics`, given what exists now.
+    pub fn render(&self, counts: Counts, connections: usize) -> String {
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP fanpipe_connections Open client connections.\n# TYPE fanpipe_connections gauge"
+        );
+        let _ = writeln!(out, "fanpipe_connections {connections}");
+        let _ = writeln!(out, "# HELP fanpipe_waiting_parties Senders and receivers waiting for their pipe to fill.\n# TYPE fanpipe_waiting_parties gauge");
+        let _ = writeln!(out, "fanpipe_waiting_parties {}", counts.waiting_parties);
         let _ = writeln!(
             out,
             "# HELP fanpipe_pipes Pipes by state.\n# TYPE fanpipe_pipes gauge"
         );
-        let _ = writeln!(out, "fanpipe_pipes{{state=\"waiting\"}} {waiting}");
-        let _ = writeln!(out, "fanpipe_pipes{{state=\"running\"}} {running}");
+        let _ = writeln!(
+            out,
+            "fanpipe_pipes{{state=\"waiting\"}} {}",
+            counts.waiting_pipes
+        );
+        let _ = writeln!(
+            out,
+            "fanpipe_pipes{{state=\"running\"}} {}",
+            counts.running_pipes
+        );
         let _ = writeln!(out, "# HELP fanpipe_transfers_total Finished transfers by outcome.\n# TYPE fanpipe_transfers_total counter");
-        for (label, v) in [
-            ("complete", self.transfers_complete),
-            ("receivers_lost", self.transfers_receivers_lost),
-            ("sender_gone", self.transfers_sender_gone),
-            ("malformed", self.transfers_malformed),
-        ] {
+        for label in OUTCOMES {
+            let v = self.transfers.get(label).copied().unwrap_or(0);
             let _ = writeln!(out, "fanpipe_transfers_total{{outcome=\"{label}\"}} {v}");
         }
-        let _ = writeln!(out, "# HELP fanpipe_bytes_received_total Body bytes read from senders of finished transfers.\n# TYPE fanpipe_bytes_received_total counter");
+        let _ = writeln!(out, "# HELP fanpipe_bytes_received_total Body bytes read from senders, counted when a transfer ends.\n# TYPE fanpipe_bytes_received_total counter");
         let _ = writeln!(out, "fanpipe_bytes_received_total {}", self.bytes_received);
-        let _ = writeln!(out, "# HELP fanpipe_bytes_delivered_total Body bytes delivered whole to receivers.\n# TYPE fanpipe_bytes_delivered_total counter");
+        let _ = writeln!(out, "# HELP fanpipe_bytes_delivered_total Body bytes delivered whole to receivers, counted when a transfer ends.\n# TYPE fanpipe_bytes_delivered_total counter");
         let _ = writeln!(
             out,
             "fanpipe_bytes_delivered_total {}",
             self.bytes_delivered
         );
+        let _ = writeln!(out, "# HELP fanpipe_rejections_total Refused requests by status.\n# TYPE fanpipe_rejections_total counter");
+        for (status, v) in &self.rejections {
+            let _ = writeln!(out, "fanpipe_rejections_total{{status=\"{status}\"}} {v}");
+        }
         out
+    }
+}
+
+/// Whether one more connection may be served, given how many are open.
+pub fn admit_connection(open: usize, max: usize) -> Result<(), Reject> {
+    if open >= max {
+        Err(Reject::TooManyConnections)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_documented_series() {
+        let mut m = Metrics::default();
+        m.record(&Summary {
+            name: "a".into(),
+            n: 2,
+            bytes: 10,
+            complete: 2,
+            seconds: 1.0,
+            outcome: Outcome::Complete,
+        });
+        m.reject(&Reject::Busy);
+        let counts = Counts {
+            waiting_pipes: 1,
+            running_pipes: 2,
+            waiting_parties: 3,
+        };
+        let text = m.render(counts, 7);
+        for line in [
+            "fanpipe_connections 7",
+            "fanpipe_waiting_parties 3",
+            "fanpipe_pipes{state=\"waiting\"} 1",
+            "fanpipe_pipes{state=\"running\"} 2",
+            "fanpipe_transfers_total{outcome=\"complete\"} 1",
+            "fanpipe_transfers_total{outcome=\"stalled\"} 0",
+            "fanpipe_bytes_received_total 10",
+            "fanpipe_bytes_delivered_total 20",
+            "fanpipe_rejections_total{status=\"409\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn connections_past_the_limit_get_503() {
+        assert!(admit_connection(9, 10).is_ok());
+        assert_eq!(admit_connection(10, 10).unwrap_err().status(), 503);
     }
 }

@@ -42,6 +42,10 @@ pub enum Outcome {
     SenderGone,
     /// The sender's chunked body was malformed.
     Malformed(BodyError),
+    /// No byte moved for the idle timeout, and the sender was the one not sending.
+    Stalled,
+    /// The server shut down before the transfer ended.
+    Shutdown,
 }
 
 /// One line per transfer for the log.
@@ -76,6 +80,8 @@ struct Party {
     /// The client has ended its side (receivers only matter).
     eof: bool,
     probe_at: Option<Instant>,
+    /// When a waiting party gives up.
+    wait_until: Option<Instant>,
     shutdown: bool,
     linger_until: Option<Instant>,
     // A receiver's place in the transfer.
@@ -98,6 +104,7 @@ impl Party {
             out_pos: 0,
             eof: false,
             probe_at: None,
+            wait_until: None,
             shutdown: false,
             linger_until: None,
             slot: 0,
@@ -187,6 +194,8 @@ pub struct Pipe {
     receivers: Vec<PartyId>,
     scratch: Vec<u8>,
     events: Vec<Event>,
+    /// When a byte last moved in the running transfer.
+    last_progress: Option<Instant>,
 }
 
 impl Pipe {
@@ -208,6 +217,7 @@ impl Pipe {
             receivers: Vec::new(),
             scratch: Vec::new(),
             events: Vec::new(),
+            last_progress: None,
         }
     }
 
@@ -216,6 +226,7 @@ impl Pipe {
         let id = self.parties.len();
         let PipeRequest { request, leftover } = pipe_request;
         let mut party = Party::new(role, request);
+        party.wait_until = Some(now + self.config.wait_timeout);
         match role {
             Role::Sender => {
                 if party.request.expect_continue {
@@ -286,24 +297,112 @@ impl Pipe {
 
     /// The next instant at which [`Pipe::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let idle = match self.stage {
+            Stage::Running { .. } => self.last_progress.map(|t| t + self.config.idle_timeout),
+            _ => None,
+        };
         self.parties
             .iter()
             .filter(|p| p.is_open())
-            .flat_map(|p| [p.probe_at, p.linger_until])
+            .flat_map(|p| match p.phase {
+                Phase::Waiting => [p.probe_at, p.wait_until],
+                _ => [p.linger_until, None],
+            })
             .flatten()
+            .chain(idle)
             .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         for p in 0..self.parties.len() {
             let party = &mut self.parties[p];
-            if party.linger_until.is_some_and(|t| t <= now) {
+            if party.phase == Phase::Closing && party.linger_until.is_some_and(|t| t <= now) {
                 party.phase = Phase::Closed;
             }
-            if party.phase == Phase::Waiting && party.probe_at.is_some_and(|t| t <= now) {
+            if party.phase != Phase::Waiting {
+                continue;
+            }
+            if party.wait_until.is_some_and(|t| t <= now) {
+                let secs = self.config.wait_timeout.as_secs();
+                self.give_up_waiting(p, &Reject::WaitTimeout { secs }, now);
+            } else if party.probe_at.is_some_and(|t| t <= now) {
                 party.out.extend_from_slice(response::PROBE);
                 party.probe_at = Some(now + self.config.probe_interval);
             }
+        }
+        if let (Stage::Running { .. }, Some(last)) = (self.stage, self.last_progress) {
+            if now >= last + self.config.idle_timeout {
+                self.stalled(now);
+            }
+        }
+    }
+
+    /// The server is shutting down: waiting parties are told and let go; a running
+    /// transfer goes on until [`Pipe::handle_abort`].
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        for p in 0..self.parties.len() {
+            if self.parties[p].phase == Phase::Waiting {
+                self.give_up_waiting(p, &Reject::ShuttingDown, now);
+            }
+        }
+    }
+
+    /// The shutdown grace is over: a running transfer is cut by the failure rules.
+    pub fn handle_abort(&mut self, now: Instant) {
+        self.handle_shutdown(now);
+        if matches!(self.stage, Stage::Running { .. }) {
+            self.say("[ERROR] the server is shutting down");
+            self.fail(Outcome::Shutdown, now);
+        }
+    }
+
+    /// A waiting party is told why it waits no more, and leaves the pipe.
+    fn give_up_waiting(&mut self, p: PartyId, why: &Reject, now: Instant) {
+        let party = &mut self.parties[p];
+        let role = party.role;
+        match role {
+            Role::Receiver => response::reject(&mut party.out, why, false),
+            Role::Sender => {}
+        }
+        self.close_politely(p, now);
+        self.events.push(Event::Left(role));
+        if role == Role::Sender {
+            let here = self.waiting_receivers();
+            self.say(&format!(
+                "[ERROR] {why} ({here} of {} receivers came)",
+                self.n
+            ));
+            self.sender = None;
+        }
+    }
+
+    /// No byte moved for the idle timeout: receivers that hold the others back by not
+    /// reading are dropped; if none did, the sender is the one that stalled.
+    fn stalled(&mut self, now: Instant) {
+        let written = self.buffer.as_ref().map_or(0, Broadcast::written);
+        let stuck: Vec<PartyId> = self
+            .receivers
+            .iter()
+            .copied()
+            .filter(|&p| {
+                let party = &self.parties[p];
+                let pos = self.buffer.as_ref().and_then(|b| b.position(party.slot));
+                party.phase == Phase::Active && (pos != Some(written) || !party.out.is_empty())
+            })
+            .collect();
+        let secs = self.config.idle_timeout.as_secs();
+        if stuck.is_empty() {
+            self.say(&format!("[ERROR] the sender sent nothing for {secs} s"));
+            self.fail(Outcome::Stalled, now);
+            return;
+        }
+        self.say(&format!(
+            "[INFO] dropped {} receiver(s) that read nothing for {secs} s",
+            stuck.len()
+        ));
+        self.last_progress = Some(now);
+        for p in stuck {
+            self.handle_error(p, now);
         }
     }
 
@@ -389,6 +488,9 @@ impl Pipe {
         let Some(party) = self.parties.get_mut(p) else {
             return;
         };
+        if n > 0 && self.stage != Stage::Waiting {
+            self.last_progress = Some(now);
+        }
         let mut n = n;
         let k = n.min(party.out.len() - party.out_pos);
         party.out_pos += k;
@@ -517,6 +619,7 @@ impl Pipe {
         self.decoder = Some(BodyDecoder::new(framing));
         self.parties[s].phase = Phase::Active;
         self.stage = Stage::Running { started: now };
+        self.last_progress = Some(now);
         self.events.push(Event::Started);
         self.say(&format!(
             "[INFO] all {} receiver(s) joined, sending",
@@ -572,9 +675,11 @@ impl Pipe {
                     b.commit(n);
                     d.advance_data(n as u64);
                     self.body_bytes += n as u64;
+                    self.last_progress = Some(now);
                 }
             }
             ReadInto::Raw => {
+                self.last_progress = Some(now);
                 self.raw.clear();
                 self.raw_pos = 0;
                 self.raw
@@ -752,7 +857,10 @@ impl Pipe {
                 "[INFO] done: {bytes} bytes to {complete} of {} receivers in {seconds:.2}s ({rate:.1} MB/s)",
                 self.n
             )),
-            Outcome::ReceiversLost | Outcome::Malformed(_) => self.say(&format!(
+            Outcome::ReceiversLost
+            | Outcome::Malformed(_)
+            | Outcome::Stalled
+            | Outcome::Shutdown => self.say(&format!(
                 "[ERROR] {complete} of {} receivers got every byte",
                 self.n
             )),
@@ -1019,6 +1127,101 @@ mod tests {
                 crate::chunked::tests::decode_all(Framing::Chunked, &got[at..], 7).unwrap();
             assert_eq!(body.len(), data.len(), "piece {piece}");
         }
+    }
+
+    fn later(sim: &mut Sim, secs: u64) {
+        sim.now += std::time::Duration::from_secs(secs);
+        sim.pipe.handle_timeout(sim.now);
+        sim.run(&[]);
+    }
+
+    #[test]
+    fn waiting_past_the_wait_timeout_tells_everyone_and_frees_the_places() {
+        let mut sim = Sim::new(3, 4096, 1000);
+        let r = sim.receiver(3);
+        let s = sim.sender(3, b"abc", false);
+        sim.run(&[]);
+        let due = sim.pipe.poll_timeout().unwrap();
+        assert_eq!(due, sim.now + Config::default().wait_timeout);
+        later(&mut sim, Config::default().wait_timeout.as_secs());
+        assert!(sim.text(r).starts_with("HTTP/1.1 408 "), "{}", sim.text(r));
+        assert!(sim.text(r).contains("no transfer started within 3600 s"));
+        let out = sim.text(s);
+        assert!(
+            out.contains("[ERROR] no transfer started within 3600 s"),
+            "{out}"
+        );
+        assert!(!out.ends_with("0\r\n\r\n"), "the sender's response is cut");
+        let left: Vec<_> = sim
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Left(_)))
+            .collect();
+        assert_eq!(left.len(), 2);
+        assert!(sim.clients[r].shut && sim.clients[s].shut);
+    }
+
+    #[test]
+    fn a_receiver_that_stops_reading_is_dropped_at_the_idle_timeout() {
+        let data = body(50_000);
+        let mut sim = Sim::new(2, 4096, 1000);
+        let (r1, r2) = (sim.receiver(2), sim.receiver(2));
+        let s = sim.sender(2, &data, false);
+        sim.run(&[r2]);
+        assert!(sim.pipe.poll_timeout().is_some());
+        later(&mut sim, 300);
+        assert_eq!(sim.body_of(r1), data);
+        let out = sim.text(s);
+        assert!(
+            out.contains("[INFO] dropped 1 receiver(s) that read nothing for 300 s"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("[ERROR] 1 of 2 receivers got every byte\n\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_sender_that_stops_sending_is_cut_at_the_idle_timeout() {
+        let mut sim = Sim::new(1, 4096, 1000);
+        let r = sim.receiver(1);
+        let s = sim.sender(1, &body(10_000), true);
+        sim.clients[s].input.truncate(3_000);
+        sim.run(&[]);
+        later(&mut sim, 299);
+        assert!(!sim.clients[r].closed);
+        later(&mut sim, 1);
+        assert!(sim.clients[r].closed);
+        assert!(!sim.clients[r].got.ends_with(b"0\r\n\r\n"));
+        assert!(sim
+            .text(s)
+            .contains("[ERROR] the sender sent nothing for 300 s"));
+        assert_eq!(sim.summary().outcome, Outcome::Stalled);
+    }
+
+    #[test]
+    fn shutdown_lets_waiting_parties_go_and_aborts_running_transfers_after_the_grace() {
+        let mut waiting = Sim::new(2, 4096, 1000);
+        let r = waiting.receiver(2);
+        waiting.pipe.handle_shutdown(waiting.now);
+        waiting.run(&[]);
+        assert!(waiting.text(r).starts_with("HTTP/1.1 503 "));
+
+        let mut running = Sim::new(1, 4096, 1000);
+        let r = running.receiver(1);
+        let s = running.sender(1, &body(100_000), false);
+        running.run(&[r]);
+        running.pipe.handle_shutdown(running.now);
+        running.run(&[r]);
+        assert!(!running.clients[r].closed, "a running transfer goes on");
+        running.pipe.handle_abort(running.now);
+        running.run(&[]);
+        assert!(running.clients[r].closed);
+        assert!(running
+            .text(s)
+            .ends_with("[ERROR] 0 of 1 receivers got every byte\n\r\n"));
+        assert_eq!(running.summary().outcome, Outcome::Shutdown);
     }
 
     #[test]

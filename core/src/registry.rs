@@ -26,15 +26,22 @@ struct Entry<H> {
 pub struct Registry<H> {
     pipes: HashMap<String, Entry<H>>,
     next_id: PipeId,
+    max_pipes: usize,
+    closed: bool,
 }
 
 impl<H> Default for Registry<H> {
     fn default() -> Self {
-        Registry {
-            pipes: HashMap::new(),
-            next_id: 1,
-        }
+        Registry::new(usize::MAX)
     }
+}
+
+/// What exists now, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub waiting_pipes: usize,
+    pub running_pipes: usize,
+    pub waiting_parties: usize,
 }
 
 /// A party let in: to the pipe `id`, whose owner is `handle`; `new` if it was just made.
@@ -46,6 +53,21 @@ pub struct Admitted<'a, H> {
 }
 
 impl<H> Registry<H> {
+    /// A registry that holds at most `max_pipes` pipes.
+    pub fn new(max_pipes: usize) -> Self {
+        Registry {
+            pipes: HashMap::new(),
+            next_id: 1,
+            max_pipes,
+            closed: false,
+        }
+    }
+
+    /// The server is shutting down: nobody is admitted any more.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
     /// Lets a party onto `name`, or says why not. `make` creates the owner of a new pipe.
     pub fn admit(
         &mut self,
@@ -55,7 +77,13 @@ impl<H> Registry<H> {
         make: impl FnOnce(PipeId) -> H,
     ) -> Result<Admitted<'_, H>, Reject> {
         let mut new = false;
+        if self.closed {
+            return Err(Reject::ShuttingDown);
+        }
         if !self.pipes.contains_key(name) {
+            if self.pipes.len() >= self.max_pipes {
+                return Err(Reject::TooManyPipes);
+            }
             let id = self.next_id;
             self.next_id += 1;
             let entry = Entry {
@@ -124,10 +152,18 @@ impl<H> Registry<H> {
         }
     }
 
-    /// Pipes that exist: (waiting, running).
-    pub fn counts(&self) -> (usize, usize) {
-        let running = self.pipes.values().filter(|e| e.running).count();
-        (self.pipes.len() - running, running)
+    /// Pipes and waiting parties that exist now.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for e in self.pipes.values() {
+            if e.running {
+                c.running_pipes += 1;
+            } else {
+                c.waiting_pipes += 1;
+                c.waiting_parties += usize::from(e.sender) + e.receivers;
+            }
+        }
+        c
     }
 }
 
@@ -162,12 +198,41 @@ mod tests {
     fn a_leaving_party_frees_its_place_and_the_last_frees_the_name() {
         let mut r = Registry::default();
         let id = admit(&mut r, "a", Role::Receiver, 1).unwrap();
-        assert!(!r.leave("a", id, Role::Receiver) || r.counts() == (0, 0));
+        assert!(r.leave("a", id, Role::Receiver));
+        assert_eq!(r.counts(), Counts::default());
         let id2 = admit(&mut r, "a", Role::Receiver, 2).unwrap();
         assert_ne!(id, id2, "an emptied name is a new pipe");
         admit(&mut r, "a", Role::Sender, 2).unwrap();
         assert!(!r.leave("a", id2, Role::Receiver));
         assert_eq!(admit(&mut r, "a", Role::Receiver, 2), Ok(id2));
+    }
+
+    #[test]
+    fn pipe_limit_and_shutdown_refuse_with_503() {
+        let mut r = Registry::new(1);
+        let id = admit(&mut r, "a", Role::Receiver, 2).unwrap();
+        assert_eq!(
+            admit(&mut r, "b", Role::Receiver, 1),
+            Err(Reject::TooManyPipes)
+        );
+        assert_eq!(
+            admit(&mut r, "a", Role::Receiver, 2),
+            Ok(id),
+            "joining is not opening"
+        );
+        assert_eq!(
+            r.counts(),
+            Counts {
+                waiting_pipes: 1,
+                running_pipes: 0,
+                waiting_parties: 2
+            }
+        );
+        r.close();
+        assert_eq!(
+            admit(&mut r, "a", Role::Sender, 2).unwrap_err().status(),
+            503
+        );
     }
 
     #[test]
