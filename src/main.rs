@@ -44,6 +44,22 @@ struct Args {
     /// Seconds an idle keep-alive connection is kept open.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     keepalive_timeout: u64,
+    /// Seconds a party may wait for its pipe to fill (sender and all n receivers).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=7 * 86400))]
+    wait_timeout: u64,
+    /// Seconds a running transfer may move no byte: receivers that read nothing are dropped,
+    /// or, if the sender sent nothing, the transfer is cut.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    idle_timeout: u64,
+    /// Most open connections; more are answered 503.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    max_connections: u64,
+    /// Most pipes, waiting or running; a party opening one more gets 503.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    max_pipes: u64,
+    /// Seconds running transfers get to finish after SIGTERM or SIGINT before they are cut.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    shutdown_grace: u64,
 }
 
 fn main() -> ExitCode {
@@ -64,9 +80,14 @@ fn main() -> ExitCode {
         max_headers: args.max_headers as usize,
         head_timeout: Duration::from_secs(args.head_timeout),
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout),
+        wait_timeout: Duration::from_secs(args.wait_timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        max_connections: args.max_connections as usize,
+        max_pipes: args.max_pipes as usize,
         ..Config::default()
     };
-    let result = backend::run(args.listen, config, |addr| {
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let result = backend::run(args.listen, config, grace, |addr| {
         eprintln!("fanpipe {LONG_VERSION} listening on http://{addr}");
     });
     match result {

@@ -9,16 +9,17 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
-use fanpipe_core::metrics::Metrics;
+use fanpipe_core::metrics::{admit_connection, outcome_label, Metrics};
 use fanpipe_core::pipe::{Event, Pipe};
 use fanpipe_core::registry::{PipeId, Registry};
 use fanpipe_core::request::{Role, Route};
-use fanpipe_core::Config;
+use fanpipe_core::{Config, Reject};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -32,9 +33,28 @@ struct Arrival {
     stream: TcpStream,
     request: PipeRequest,
     role: Role,
+    _open: OpenConn,
 }
 
-type Handle = mpsc::UnboundedSender<Arrival>;
+/// What a pipe's task is told.
+enum Msg {
+    Arrival(Arrival),
+    /// The server stops: let waiting parties go, finish the transfer.
+    Shutdown,
+    /// The grace is over: cut the transfer.
+    Abort,
+}
+
+type Handle = mpsc::UnboundedSender<Msg>;
+
+/// Counts a connection as open while it lives, wherever its socket goes.
+struct OpenConn(Arc<AtomicUsize>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 struct Shared {
     registry: Registry<Handle>,
@@ -44,6 +64,7 @@ struct Shared {
 struct Server {
     config: Config,
     shared: Mutex<Shared>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -51,20 +72,36 @@ impl Server {
         // A panic elsewhere must not take the registry down with it.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Tells every pipe's task.
+    fn tell_pipes(&self, msg: impl Fn() -> Msg) {
+        let shared = self.lock();
+        for handle in shared.registry.handles() {
+            let _ = handle.send(msg());
+        }
+    }
+
+    fn pipes_left(&self) -> bool {
+        let c = self.lock().registry.counts();
+        c.waiting_pipes + c.running_pipes > 0
+    }
 }
 
-/// Serves on `listener` until `shutdown` completes.
+/// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
+/// connections, waiting parties let go, running transfers given `grace` to finish.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
+    grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let server = Arc::new(Server {
-        config,
         shared: Mutex::new(Shared {
-            registry: Registry::default(),
+            registry: Registry::new(config.max_pipes),
             metrics: Metrics::default(),
         }),
+        config,
+        connections: Arc::new(AtomicUsize::new(0)),
     });
     tokio::pin!(shutdown);
     loop {
@@ -72,28 +109,57 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(server.clone(), stream, peer));
+                    let open = server.connections.fetch_add(1, Ordering::Relaxed);
+                    let guard = OpenConn(server.connections.clone());
+                    let full = admit_connection(open, server.config.max_connections).err();
+                    tokio::spawn(connection(server.clone(), stream, peer, guard, full));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait a little rather than spin.
                     tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
         }
     }
+    drop(listener);
+    tracing::info!(
+        "shutting down: waiting up to {} s for running transfers",
+        grace.as_secs()
+    );
+    server.lock().registry.close();
+    server.tell_pipes(|| Msg::Shutdown);
+    let deadline = tokio::time::Instant::now() + grace;
+    while server.pipes_left() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if server.pipes_left() {
+        server.tell_pipes(|| Msg::Abort);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while server.pipes_left() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Let the last words reach the clients before the runtime drops every socket.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
 }
 
 /// Binds `addr` and serves until SIGINT or SIGTERM.
-pub fn run(addr: SocketAddr, config: Config, on_bound: impl FnOnce(SocketAddr)) -> io::Result<()> {
+pub fn run(
+    addr: SocketAddr,
+    config: Config,
+    grace: Duration,
+    on_bound: impl FnOnce(SocketAddr),
+) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let listener = TcpListener::bind(addr).await?;
         on_bound(listener.local_addr()?);
-        serve(listener, config, stop_signal()).await
+        serve(listener, config, grace, stop_signal()).await
     })
 }
 
@@ -113,9 +179,22 @@ async fn stop_signal() {
 }
 
 /// A connection until it is answered or handed to a pipe.
-async fn connection(server: Arc<Server>, mut stream: TcpStream, peer: SocketAddr) {
+async fn connection(
+    server: Arc<Server>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    open: OpenConn,
+    full: Option<Reject>,
+) {
     let mut conn = Conn::new(&server.config, Instant::now());
+    if let Some(why) = full {
+        conn.handle_refused(&why, Instant::now());
+    }
     loop {
+        if let Some(why) = conn.take_refused() {
+            tracing::info!(%peer, status = why.status(), "refused: {why}");
+            server.lock().metrics.reject(&why);
+        }
         let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
         let timer = async {
             match deadline {
@@ -145,8 +224,8 @@ async fn connection(server: Arc<Server>, mut stream: TcpStream, peer: SocketAddr
             Action::Metrics => {
                 let text = {
                     let shared = server.lock();
-                    let (waiting, running) = shared.registry.counts();
-                    shared.metrics.render(waiting, running)
+                    let connections = server.connections.load(Ordering::Relaxed);
+                    shared.metrics.render(shared.registry.counts(), connections)
                 };
                 conn.handle_metrics(&text, Instant::now());
             }
@@ -163,17 +242,18 @@ async fn connection(server: Arc<Server>, mut stream: TcpStream, peer: SocketAddr
                     match shared.registry.admit(&name, role, n, make) {
                         Ok(admitted) => {
                             // Sent under the lock, so the pipe sees parties in admission order.
-                            let _ = admitted.handle.send(Arrival {
+                            let _ = admitted.handle.send(Msg::Arrival(Arrival {
                                 stream,
                                 request,
                                 role,
-                            });
+                                _open: open,
+                            }));
                             return;
                         }
                         Err(why) => why,
                     }
                 };
-                tracing::info!(%peer, pipe = %name, status = refused.status(), "refused: {refused}");
+                tracing::info!(pipe = %name, "refused a pipe request");
                 conn.handle_refused(&refused, Instant::now());
             }
             Action::Close => return,
@@ -202,8 +282,8 @@ fn spawn_pipe(server: Arc<Server>, name: String, n: usize, id: PipeId) -> Handle
 /// The task that owns one pipe and all of its sockets.
 struct PipeTask {
     pipe: Pipe,
-    sockets: Vec<Option<TcpStream>>,
-    arrivals: mpsc::UnboundedReceiver<Arrival>,
+    sockets: Vec<Option<(TcpStream, OpenConn)>>,
+    arrivals: mpsc::UnboundedReceiver<Msg>,
     timer: Pin<Box<Sleep>>,
     /// The registry no longer routes anyone here.
     gone: bool,
@@ -219,9 +299,15 @@ impl PipeTask {
         loop {
             let now = Instant::now();
             let mut moved = false;
-            while let Poll::Ready(Some(a)) = self.arrivals.poll_recv(cx) {
-                self.pipe.join(a.request, a.role, now);
-                self.sockets.push(Some(a.stream));
+            while let Poll::Ready(Some(msg)) = self.arrivals.poll_recv(cx) {
+                match msg {
+                    Msg::Arrival(a) => {
+                        self.pipe.join(a.request, a.role, now);
+                        self.sockets.push(Some((a.stream, a._open)));
+                    }
+                    Msg::Shutdown => self.pipe.handle_shutdown(now),
+                    Msg::Abort => self.pipe.handle_abort(now),
+                }
                 moved = true;
             }
             for p in 0..self.sockets.len() {
@@ -255,7 +341,7 @@ impl PipeTask {
 
     /// One party's socket: close, shut down, write and read as the core says.
     fn party_io(&mut self, cx: &mut Context<'_>, p: usize, now: Instant) -> bool {
-        let Some(sock) = self.sockets[p].as_mut() else {
+        let Some((sock, _)) = self.sockets[p].as_mut() else {
             return false;
         };
         if self.pipe.is_closed(p) {
@@ -317,7 +403,7 @@ impl PipeTask {
                     bytes = s.bytes,
                     complete = s.complete,
                     seconds = format_args!("{:.3}", s.seconds),
-                    outcome = ?s.outcome,
+                    outcome = outcome_label(s.outcome),
                     "transfer ended"
                 );
             }

@@ -152,6 +152,11 @@ impl<H> Registry<H> {
         }
     }
 
+    /// The owners of every pipe, to tell them all something.
+    pub fn handles(&self) -> impl Iterator<Item = &H> {
+        self.pipes.values().map(|e| &e.handle)
+    }
+
     /// Pipes and waiting parties that exist now.
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
