@@ -38,7 +38,7 @@ struct Arrival {
 
 /// What a pipe's task is told.
 enum Msg {
-    Arrival(Arrival),
+    Arrival(Box<Arrival>),
     /// The server stops: let waiting parties go, finish the transfer.
     Shutdown,
     /// The grace is over: cut the transfer.
@@ -242,12 +242,12 @@ async fn connection(
                     match shared.registry.admit(&name, role, n, make) {
                         Ok(admitted) => {
                             // Sent under the lock, so the pipe sees parties in admission order.
-                            let _ = admitted.handle.send(Msg::Arrival(Arrival {
+                            let _ = admitted.handle.send(Msg::Arrival(Box::new(Arrival {
                                 stream,
                                 request,
                                 role,
                                 _open: open,
-                            }));
+                            })));
                             return;
                         }
                         Err(why) => why,
