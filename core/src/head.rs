@@ -139,6 +139,15 @@ impl HeadReader {
     fn scan(&mut self) {
         let mut i = self.scanned;
         while i < self.len {
+            // Limits hold however the bytes were split into reads.
+            if !self.line_done && i >= self.max_line {
+                self.end = Some(Err(Reject::UriTooLong));
+                return;
+            }
+            if i >= self.max_head {
+                self.end = Some(Err(Reject::HeadTooLarge));
+                return;
+            }
             let b = self.buf[i];
             if b == b'\n' {
                 if i == 0 || self.buf[i - 1] != b'\r' {
@@ -161,11 +170,6 @@ impl HeadReader {
             i += 1;
         }
         self.scanned = i;
-        if !self.line_done && self.len > self.max_line {
-            self.end = Some(Err(Reject::UriTooLong));
-        } else if self.len > self.max_head {
-            self.end = Some(Err(Reject::HeadTooLarge));
-        }
     }
 }
 
@@ -334,6 +338,29 @@ mod tests {
                 String::from_utf8_lossy(req)
             );
         }
+    }
+
+    #[test]
+    fn limits_hold_whatever_the_reads() {
+        let mut r = HeadReader::new(16, 40, 100);
+        feed(
+            &mut r,
+            b"GET /aaaaaaaaaaaaaaaaaaaa HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
+        assert_eq!(r.poll_head().unwrap().unwrap_err(), Reject::UriTooLong);
+        let mut r = HeadReader::new(40, 40, 100);
+        feed(
+            &mut r,
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: aaaaaaaaaaaaaaaa\r\n\r\n",
+        );
+        assert_eq!(r.poll_head().unwrap().unwrap_err(), Reject::HeadTooLarge);
+        let exact = b"GET / HTTP/1.1\r\nHost: a\r\nX: aaaaaaa\r\n\r\n";
+        let mut r = HeadReader::new(40, exact.len(), 100);
+        feed(&mut r, exact);
+        assert!(
+            r.poll_head().unwrap().is_ok(),
+            "a head of exactly the limit passes"
+        );
     }
 
     #[test]
