@@ -25,6 +25,9 @@ pub struct Config {
     pub linger_timeout: Duration,
     /// How often a waiting receiver that half-closed is probed to see if it is still there.
     pub probe_interval: Duration,
+    /// How often a waiting sender is told it still waits: the write finds a sender that
+    /// has gone, and keeps proxies from timing out a silent response.
+    pub heartbeat_interval: Duration,
     /// How long a party may wait for its pipe to fill.
     pub wait_timeout: Duration,
     /// How long a running transfer may move no byte before its stalled parties are dropped.
@@ -48,6 +51,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(60),
             linger_timeout: Duration::from_secs(2),
             probe_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(30),
             wait_timeout: Duration::from_secs(3600),
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,

@@ -227,6 +227,10 @@ impl Pipe {
         let PipeRequest { request, leftover } = pipe_request;
         let mut party = Party::new(role, request);
         party.wait_until = Some(now + self.config.wait_timeout);
+        if role == Role::Sender {
+            // A waiting sender is not read, so only a write finds out that it has gone.
+            party.probe_at = Some(now + self.config.heartbeat_interval);
+        }
         match role {
             Role::Sender => {
                 if party.request.expect_continue {
@@ -326,8 +330,17 @@ impl Pipe {
                 let secs = self.config.wait_timeout.as_secs();
                 self.give_up_waiting(p, &Reject::WaitTimeout { secs }, now);
             } else if party.probe_at.is_some_and(|t| t <= now) {
-                party.out.extend_from_slice(response::PROBE);
-                party.probe_at = Some(now + self.config.probe_interval);
+                if party.role == Role::Receiver {
+                    party.out.extend_from_slice(response::PROBE);
+                    party.probe_at = Some(now + self.config.probe_interval);
+                } else {
+                    party.probe_at = Some(now + self.config.heartbeat_interval);
+                    let here = self.waiting_receivers();
+                    self.say(&format!(
+                        "[INFO] still waiting: {here} of {} receivers here",
+                        self.n
+                    ));
+                }
             }
         }
         if let (Stage::Running { .. }, Some(last)) = (self.stage, self.last_progress) {
@@ -788,15 +801,26 @@ impl Pipe {
             (_, Phase::Closing) if flushed && party.linger_until.is_none() => {
                 party.phase = Phase::Closed;
             }
+            (_, Phase::Closing) if flushed && party.shutdown => {
+                // The last bytes are out: the linger starts now.
+                party.linger_until = Some(now + self.config.linger_timeout);
+            }
             _ => {}
         }
     }
 
+    /// Closes after the queued bytes are written (within the write timeout), then a
+    /// shutdown and a short linger so the client reads them before the close.
     fn close_politely(&mut self, p: PartyId, now: Instant) {
         if let Some(party) = self.parties.get_mut(p) {
             party.phase = Phase::Closing;
             party.shutdown = true;
-            party.linger_until = Some(now + self.config.linger_timeout);
+            let wait = if party.out_pos == party.out.len() {
+                self.config.linger_timeout
+            } else {
+                self.config.write_timeout
+            };
+            party.linger_until = Some(now + wait);
         }
     }
 
@@ -1142,8 +1166,10 @@ mod tests {
         let s = sim.sender(3, b"abc", false);
         sim.run(&[]);
         let due = sim.pipe.poll_timeout().unwrap();
-        assert_eq!(due, sim.now + Config::default().wait_timeout);
-        later(&mut sim, Config::default().wait_timeout.as_secs());
+        assert_eq!(due, sim.now + Config::default().heartbeat_interval);
+        later(&mut sim, 30);
+        assert!(sim.text(s).contains("[INFO] still waiting: 1 of 3 receivers here"));
+        later(&mut sim, Config::default().wait_timeout.as_secs() - 30);
         assert!(sim.text(r).starts_with("HTTP/1.1 408 "), "{}", sim.text(r));
         assert!(sim.text(r).contains("no transfer started within 3600 s"));
         let out = sim.text(s);

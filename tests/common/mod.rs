@@ -1517,3 +1517,63 @@ pub fn raw_head(method: &str, path: &str, extra: &[&str]) -> Vec<u8> {
     head.push_str("\r\n");
     head.into_bytes()
 }
+
+// ---------------------------------------------------------------------------------------
+// Signals and exit
+// ---------------------------------------------------------------------------------------
+
+/// How a server process ended, and the last lines it logged.
+#[derive(Debug)]
+pub struct Exit {
+    pub status: std::process::ExitStatus,
+    pub log: String,
+}
+
+impl Server {
+    /// Sends SIGTERM to the server (`kill -TERM PID`).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(
+            status.success(),
+            "kill -TERM {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// Waits up to `timeout` for the server to exit by itself and returns how it ended;
+    /// the guard is then spent (nothing left to kill). `Err` (the server killed) if it
+    /// is still running at the deadline.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<Exit, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    drop(self.watchdog_stop.take());
+                    if let Some(watchdog) = self.watchdog.take() {
+                        let _ = watchdog.join();
+                    }
+                    // Let the log reader take the last lines (it ends at EOF).
+                    thread::sleep(Duration::from_millis(50));
+                    let exit = Exit {
+                        status,
+                        log: self.log_tail(),
+                    };
+                    // The process is reaped and the watchdog stopped: nothing for Drop.
+                    std::mem::forget(self);
+                    return Ok(exit);
+                }
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Ok(None) => {
+                    return Err(format!(
+                        "the server did not exit within {timeout:?}; log:\n{}",
+                        self.log_tail()
+                    ))
+                }
+                Err(e) => return Err(format!("cannot wait for the server: {e}")),
+            }
+        }
+    }
+}
