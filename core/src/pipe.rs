@@ -1168,7 +1168,9 @@ mod tests {
         let due = sim.pipe.poll_timeout().unwrap();
         assert_eq!(due, sim.now + Config::default().heartbeat_interval);
         later(&mut sim, 30);
-        assert!(sim.text(s).contains("[INFO] still waiting: 1 of 3 receivers here"));
+        assert!(sim
+            .text(s)
+            .contains("[INFO] still waiting: 1 of 3 receivers here"));
         later(&mut sim, Config::default().wait_timeout.as_secs() - 30);
         assert!(sim.text(r).starts_with("HTTP/1.1 408 "), "{}", sim.text(r));
         assert!(sim.text(r).contains("no transfer started within 3600 s"));
