@@ -1009,7 +1009,7 @@ mod tests {
         }
 
         fn receiver(&mut self, n: usize) -> PartyId {
-            self.join(&format!("GET /x?n={n} HTTP/1.1\r\nHost: h\r\n\r\n"))
+            self.join(format!("GET /x?n={n} HTTP/1.1\r\nHost: h\r\n\r\n"))
         }
 
         /// Runs until nothing moves; `stuck` receivers do not read.
@@ -1047,7 +1047,7 @@ mod tests {
                     }
                     let c = &mut self.clients[p];
                     if let Some(buf) = self.pipe.read_buf(p) {
-                        if self.lazy && self.round % 2 == 0 {
+                        if self.lazy && self.round.is_multiple_of(2) {
                             moved = true;
                             continue;
                         }

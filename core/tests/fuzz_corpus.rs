@@ -9,8 +9,10 @@ mod targets;
 
 use std::path::PathBuf;
 
-/// Corpus files that show a core bug not fixed yet: replayed strictly by the ignored
-/// tests below, and tolerated (the bug's symptom only) by the normal replay.
+/// Corpus files that show a core bug not fixed yet, as (target, file name): the normal
+/// replay tolerates the bug's symptom (see `KNOWN BUG` in fuzz/src/lib.rs), and
+/// `known_bugs_still_fail_only_as_known` replays them strictly and says whether they
+/// still fail. (The one found so far, `head/crash-line-limit-split`, is fixed.)
 const KNOWN_BUGS: &[(&str, &str)] = &[];
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
