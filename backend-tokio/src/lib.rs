@@ -253,7 +253,6 @@ async fn connection(
                         Err(why) => why,
                     }
                 };
-                tracing::info!(pipe = %name, "refused a pipe request");
                 conn.handle_refused(&refused, Instant::now());
             }
             Action::Close => return,

@@ -6,6 +6,7 @@
 //! [`Pipe::write_slices`], reports what happened, and drops a socket once
 //! [`Pipe::is_closed`] says so.
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::time::Instant;
 
@@ -193,7 +194,7 @@ pub struct Pipe {
     /// Receivers' slots in the buffer, in start order.
     receivers: Vec<PartyId>,
     scratch: Vec<u8>,
-    events: Vec<Event>,
+    events: VecDeque<Event>,
     /// When a byte last moved in the running transfer.
     last_progress: Option<Instant>,
 }
@@ -216,7 +217,7 @@ impl Pipe {
             body_bytes: 0,
             receivers: Vec::new(),
             scratch: Vec::new(),
-            events: Vec::new(),
+            events: VecDeque::new(),
             last_progress: None,
         }
     }
@@ -292,11 +293,7 @@ impl Pipe {
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        if self.events.is_empty() {
-            None
-        } else {
-            Some(self.events.remove(0))
-        }
+        self.events.pop_front()
     }
 
     /// The next instant at which [`Pipe::handle_timeout`] has something to do.
@@ -378,7 +375,7 @@ impl Pipe {
             Role::Sender => {}
         }
         self.close_politely(p, now);
-        self.events.push(Event::Left(role));
+        self.events.push_back(Event::Left(role));
         if role == Role::Sender {
             let here = self.waiting_receivers();
             self.say(&format!(
@@ -544,7 +541,7 @@ impl Pipe {
         party.phase = Phase::Closed;
         match (party.role, was) {
             (role, Phase::Waiting) => {
-                self.events.push(Event::Left(role));
+                self.events.push_back(Event::Left(role));
                 if role == Role::Sender {
                     self.sender = None;
                 } else if self.sender.is_some() {
@@ -633,7 +630,7 @@ impl Pipe {
         self.parties[s].phase = Phase::Active;
         self.stage = Stage::Running { started: now };
         self.last_progress = Some(now);
-        self.events.push(Event::Started);
+        self.events.push_back(Event::Started);
         self.say(&format!(
             "[INFO] all {} receiver(s) joined, sending",
             self.n
@@ -901,7 +898,7 @@ impl Pipe {
                 self.close_politely(s, now);
             }
         }
-        self.events.push(Event::Finished(Summary {
+        self.events.push_back(Event::Finished(Summary {
             name: self.name.clone(),
             n: self.n,
             bytes,
@@ -932,7 +929,7 @@ mod tests {
         pipe: Pipe,
         clients: Vec<Client>,
         now: Instant,
-        events: Vec<Event>,
+        events: VecDeque<Event>,
         piece: usize,
         /// Offered reads are left unused every other round, as a socket with no data does.
         lazy: bool,
@@ -961,7 +958,7 @@ mod tests {
                 pipe: Pipe::new("x", n, &config),
                 clients: Vec::new(),
                 now: Instant::now(),
-                events: Vec::new(),
+                events: VecDeque::new(),
                 piece,
                 lazy: false,
                 round: 0,
@@ -1061,7 +1058,7 @@ mod tests {
                     }
                 }
                 while let Some(e) = self.pipe.poll_event() {
-                    self.events.push(e);
+                    self.events.push_back(e);
                     moved = true;
                 }
                 if !moved {
