@@ -1492,14 +1492,11 @@ pub mod world {
             // Every party is closed when every client is done.
             for (c, cl) in self.clients.iter().enumerate() {
                 if !cl.closed_by_server {
-                    let known = self.tolerate_known && self.waiting_sender_gap(c);
-                    if !known {
-                        v.push(format!(
-                            "client {c} ({:?}) never closed by the server, stage {:?}",
-                            cl.kind_name(),
-                            cl.stage_name()
-                        ));
-                    }
+                    v.push(format!(
+                        "client {c} ({:?}) never closed by the server, stage {:?}",
+                        cl.kind_name(),
+                        cl.stage_name()
+                    ));
                 }
                 if let Some(e) = &cl.resp.error {
                     v.push(format!("client {c}: response stream broken: {e}"));
@@ -1623,11 +1620,7 @@ pub mod world {
                     }
                 } else if sresp.status == Some(200) && sresp.chunked && !sender_cut_itself(sender) {
                     let last = sresp.lines().last().cloned().unwrap_or_default();
-                    // KNOWN BUG (sender-linger): the pipe starts the sender's linger clock
-                    // when the transfer ends, not when its last lines are written, so a
-                    // sender that does not read for `linger_timeout` loses them.
-                    let known = self.tolerate_known && sender.dropped_unread;
-                    if !last.starts_with("[ERROR]") && !known {
+                    if !last.starts_with("[ERROR]") {
                         v.push(format!(
                             "pipe {s}: sender {sc}'s response was cut with last line {last:?}"
                         ));
@@ -1660,8 +1653,7 @@ pub mod world {
                     ));
                 }
                 let last = cl.resp.lines().last().cloned().unwrap_or_default();
-                let known = self.tolerate_known && cl.dropped_unread;
-                if !sender_cut_itself(cl) && !known && !last.starts_with("[ERROR]") {
+                if !sender_cut_itself(cl) && !last.starts_with("[ERROR]") {
                     v.push(format!(
                         "client {c}: a sender that never started was cut with last line {last:?}"
                     ));
@@ -1709,16 +1701,6 @@ pub mod world {
             for x in v {
                 self.violation(x);
             }
-        }
-
-        /// KNOWN BUG (waiting-sender-reset): the pipe never reads nor writes a waiting
-        /// sender, so one that resets is only noticed at the start or at `wait_timeout`.
-        fn waiting_sender_gap(&self, c: usize) -> bool {
-            let cl = &self.clients[c];
-            let Stage::Party { pipe, .. } = cl.stage else {
-                return false;
-            };
-            cl.is_sender() && cl.dead && self.slots[pipe].started.is_none()
         }
     }
 
