@@ -535,16 +535,7 @@ fn sigterm_tells_waiting_parties_and_exits_0() {
         sent.stderr
     );
     assert_cut_code("waiting sender at SIGTERM", sent.code, &sent.stderr);
-    let exit = server
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|why| panic!("{why}"));
-    assert_eq!(
-        exit.status.code(),
-        Some(0),
-        "exit status after SIGTERM ({}); log:\n{}",
-        exit.status,
-        exit.log
-    );
+    assert_exits_cleanly(server, 30, "");
 }
 
 #[test]
@@ -589,16 +580,7 @@ fn sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer() {
         receiver.finish().assert_got(&bytes);
     }
     sender.finish().assert_done(len as u64, 2);
-    let exit = server
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|why| panic!("{why}"));
-    assert_eq!(
-        exit.status.code(),
-        Some(0),
-        "exit status after SIGTERM ({}; the newcomer: {newcomer}); log:\n{}",
-        exit.status,
-        exit.log
-    );
+    assert_exits_cleanly(server, 30, &format!("(the newcomer: {newcomer})"));
 }
 
 #[test]
@@ -630,16 +612,7 @@ fn sigterm_cuts_a_transfer_still_running_when_the_grace_ends() {
     }
 
     server.terminate();
-    let exit = server
-        .wait_exit(Duration::from_secs(20))
-        .unwrap_or_else(|why| panic!("with a transfer stuck past --shutdown-grace 1: {why}"));
-    assert_eq!(
-        exit.status.code(),
-        Some(0),
-        "exit status after SIGTERM ({}); log:\n{}",
-        exit.status,
-        exit.log
-    );
+    assert_exits_cleanly(server, 20, "(a transfer stuck past --shutdown-grace 1)");
     for receiver in receivers {
         receiver.finish().assert_cut(&bytes);
     }
@@ -1089,5 +1062,20 @@ fn thousand_connections_all_transfers_correct() {
     assert!(
         hwm < 128 * 1024,
         "server peak RSS (VmHWM) {hwm} KiB with 1000 connections, bound 128 MiB"
+    );
+}
+
+/// The server, told to stop, exits with status 0 within `secs`; `context` goes into the
+/// failure message.
+fn assert_exits_cleanly(server: Server, secs: u64, context: &str) {
+    let exit = server
+        .wait_exit(Duration::from_secs(secs))
+        .unwrap_or_else(|why| panic!("{context} {why}"));
+    assert_eq!(
+        exit.status.code(),
+        Some(0),
+        "exit status after SIGTERM ({}) {context}; log:\n{}",
+        exit.status,
+        exit.log
     );
 }
