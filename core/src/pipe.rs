@@ -993,12 +993,7 @@ mod tests {
                 .into_bytes()
             };
             if chunked {
-                for c in body.chunks(1000) {
-                    chunk_header(c.len(), &mut raw);
-                    raw.extend_from_slice(c);
-                    raw.extend_from_slice(b"\r\n");
-                }
-                raw.extend_from_slice(LAST_CHUNK);
+                raw.extend_from_slice(&crate::chunked::encode(body, &[1000]));
             } else {
                 raw.extend_from_slice(body);
             }

@@ -1,7 +1,7 @@
 //! Property tests of fanpipe-core's public API: the head reader, the chunked decoder and
 //! the registry (issue 4, part 1).
 
-use fanpipe_core::chunked::{chunk_header, BodyDecoder, LAST_CHUNK};
+use fanpipe_core::chunked::{self, BodyDecoder};
 use fanpipe_core::head::{Head, HeadReader, Method};
 use fanpipe_core::registry::{PipeId, Registry};
 use fanpipe_core::request::{Framing, Role};
@@ -366,22 +366,6 @@ fn decode(
     Ok((out, d.is_done()))
 }
 
-fn encode(data: &[u8], sizes: &[usize]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    let mut i = 0;
-    while at < data.len() {
-        let k = sizes[i % sizes.len()].max(1).min(data.len() - at);
-        i += 1;
-        chunk_header(k, &mut out);
-        out.extend_from_slice(&data[at..at + k]);
-        out.extend_from_slice(b"\r\n");
-        at += k;
-    }
-    out.extend_from_slice(LAST_CHUNK);
-    out
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -395,7 +379,7 @@ proptest! {
         direct in any::<bool>(),
         trailing in prop::collection::vec(any::<u8>(), 0..20),
     ) {
-        let mut wire = encode(&data, &sizes);
+        let mut wire = chunked::encode(&data, &sizes);
         let body_len = wire.len();
         wire.extend_from_slice(&trailing);
         prop_assert_eq!(decode(Framing::Chunked, &wire, &pieces, direct), Ok((data.clone(), true)));
@@ -410,7 +394,7 @@ proptest! {
         sizes in prop::collection::vec(1usize..500, 1..4),
         cut in any::<prop::sample::Index>(),
     ) {
-        let wire = encode(&data, &sizes);
+        let wire = chunked::encode(&data, &sizes);
         let cut = cut.index(wire.len());
         let (got, done) = decode(Framing::Chunked, &wire[..cut], &[usize::MAX], false).unwrap();
         prop_assert!(!done);

@@ -8,7 +8,7 @@
 
 #![allow(clippy::new_without_default)]
 
-use fanpipe_core::chunked::{chunk_header, BodyDecoder, LAST_CHUNK};
+use fanpipe_core::chunked::BodyDecoder;
 use fanpipe_core::head::{Head, HeadReader};
 use fanpipe_core::request::{interpret, Framing};
 
@@ -238,23 +238,6 @@ pub fn decode_body(
     (out, d.is_done(), None)
 }
 
-/// Encodes `data` in chunks of the sizes `sizes` cycles through, then the last chunk.
-pub fn encode_chunked(data: &[u8], sizes: &[usize]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    let mut i = 0;
-    while at < data.len() {
-        let k = sizes[i % sizes.len()].max(1).min(data.len() - at);
-        i += 1;
-        chunk_header(k, &mut out);
-        out.extend_from_slice(&data[at..at + k]);
-        out.extend_from_slice(b"\r\n");
-        at += k;
-    }
-    out.extend_from_slice(LAST_CHUNK);
-    out
-}
-
 /// Fuzz target `chunked`: byte 0 picks chunked (even) or Content-Length (odd, length
 /// from bytes 1..3); the rest is the body. Any split, and direct data reads, decode the
 /// same; Content-Length takes exactly its prefix; decoded chunked data re-encodes and
@@ -292,7 +275,7 @@ pub fn chunked(data: &[u8], _tolerate_known: bool) {
             let (body, done, err) = &whole;
             if *done {
                 assert!(err.is_none());
-                let wire = encode_chunked(body, &random);
+                let wire = fanpipe_core::chunked::encode(body, &random);
                 let again = decode_body(Framing::Chunked, &wire, &random, true);
                 assert_eq!(again, (body.clone(), true, None));
             }
@@ -402,6 +385,34 @@ pub mod world {
     }
 
     impl Client {
+        /// A raw client with nothing sent or received yet.
+        fn fresh() -> Client {
+            Client {
+                kind: Kind::Raw,
+                name: String::new(),
+                n: 0,
+                plan: Plan::Normal,
+                head_len: 0,
+                data_runs: Vec::new(),
+                input: Vec::new(),
+                offered: 0,
+                sent: 0,
+                eof: false,
+                dead: false,
+                window: 0,
+                got: Vec::new(),
+                resp: RespParser::default(),
+                shut_by_server: false,
+                closed_by_server: false,
+                stage: Stage::Outside,
+                leftover: 0,
+                sent_at_join: 0,
+                dropped_unread: false,
+                dropped_alive: false,
+                last_write_at: None,
+                dropped_idle: false,
+            }
+        }
         /// Body data bytes in the first `k` input bytes.
         pub fn data_in_prefix(&self, k: usize) -> usize {
             let i = self.data_runs.partition_point(|&(s, _, _)| s < k);
@@ -836,22 +847,7 @@ pub mod world {
                 input,
                 head_len,
                 data_runs,
-                offered: 0,
-                sent: 0,
-                eof: false,
-                dead: false,
-                window: 0,
-                got: Vec::new(),
-                resp: RespParser::default(),
-                shut_by_server: false,
-                closed_by_server: false,
-                stage: Stage::Outside,
-                leftover: 0,
-                sent_at_join: 0,
-                dropped_unread: false,
-                dropped_alive: false,
-                last_write_at: None,
-                dropped_idle: false,
+                ..Client::fresh()
             });
             c
         }
@@ -864,29 +860,8 @@ pub mod world {
                 String::from_utf8_lossy(&bytes)
             ));
             self.clients.push(Client {
-                kind: Kind::Raw,
-                name: String::new(),
-                n: 0,
-                plan: Plan::Normal,
-                head_len: 0,
-                data_runs: Vec::new(),
                 input: bytes,
-                offered: 0,
-                sent: 0,
-                eof: false,
-                dead: false,
-                window: 0,
-                got: Vec::new(),
-                resp: RespParser::default(),
-                shut_by_server: false,
-                closed_by_server: false,
-                stage: Stage::Outside,
-                leftover: 0,
-                sent_at_join: 0,
-                dropped_unread: false,
-                dropped_alive: false,
-                last_write_at: None,
-                dropped_idle: false,
+                ..Client::fresh()
             });
             c
         }
