@@ -165,14 +165,14 @@ fn receiver_beyond_n_is_409_and_the_pipe_goes_on() {
     );
     assert!(!reply.text().trim().is_empty(), "409 should say why");
     let bytes = payload(600_000, 53);
-    let mut sender = Sender::spawn(&server.url(&path), Upload::Stdin, &dir, &[]);
-    sender.feed(bytes.clone());
-    for (i, receiver) in waiting.iter_mut().enumerate() {
-        let (head, body) = receiver.read_response();
-        assert_eq!(head.status, 200, "waiting receiver {i}");
-        assert_same_bytes(&format!("waiting receiver {i}"), &bytes, &body);
-    }
-    sender.finish().assert_done(bytes.len() as u64, 2);
+    let [first, second] = &mut waiting[..] else {
+        panic!("two waiting receivers");
+    };
+    let mut receivers = [
+        ("waiting receiver 0", first),
+        ("waiting receiver 1", second),
+    ];
+    send_to_waiting(&server.url(&path), &dir, &bytes, &mut receivers);
 }
 
 #[test]

@@ -281,14 +281,14 @@ fn connection_over_max_connections_gets_503_then_new_ones_are_served() {
     // their pipe.
     let dir = TempDir::new("max-conn");
     let bytes = payload(200_000, 120);
-    let mut sender = Sender::spawn(&server.url(&path), Upload::Stdin, &dir, &[]);
-    sender.feed(bytes.clone());
-    for (i, receiver) in receivers.iter_mut().enumerate() {
-        let (head, body) = receiver.read_response();
-        assert_eq!(head.status, 200, "waiting receiver {i}");
-        assert_same_bytes(&format!("waiting receiver {i}"), &bytes, &body);
-    }
-    sender.finish().assert_done(bytes.len() as u64, 2);
+    let [first, second] = &mut receivers[..] else {
+        panic!("two waiting receivers");
+    };
+    let mut receivers = [
+        ("waiting receiver 0", first),
+        ("waiting receiver 1", second),
+    ];
+    send_to_waiting(&server.url(&path), &dir, &bytes, &mut receivers);
     drop(idle);
 }
 
@@ -323,14 +323,8 @@ fn new_pipe_over_max_pipes_gets_503_and_joining_still_works() {
     assert_waiting(&mut second_a, "the second receiver of pipe a");
     let dir = TempDir::new("max-pipes");
     let bytes = payload(300_000, 121);
-    let mut sender = Sender::spawn(&server.url(&a), Upload::Stdin, &dir, &[]);
-    sender.feed(bytes.clone());
-    for (label, receiver) in [("first of a", &mut first_a), ("second of a", &mut second_a)] {
-        let (head, body) = receiver.read_response();
-        assert_eq!(head.status, 200, "{label}");
-        assert_same_bytes(label, &bytes, &body);
-    }
-    sender.finish().assert_done(bytes.len() as u64, 2);
+    let mut receivers = [("first of a", &mut first_a), ("second of a", &mut second_a)];
+    send_to_waiting(&server.url(&a), &dir, &bytes, &mut receivers);
 
     // Pipe a is gone: a new name is admitted again.
     let e = format!("/api/v1/pipe/{}", pipe_name("max-pipes-e"));

@@ -398,14 +398,8 @@ fn waiting_receiver_that_disconnects_frees_its_place() {
     let mut joiner = attach_when_a_place_is_free(&server, &path);
     let bytes = payload(500_000, 40);
     let dir = TempDir::new("leaver");
-    let mut sender = Sender::spawn(&server.url(&path), Upload::Stdin, &dir, &[]);
-    sender.feed(bytes.clone());
-    for (label, receiver) in [("stayer", &mut stayer), ("joiner", &mut joiner)] {
-        let (head, body) = receiver.read_response();
-        assert_eq!(head.status, 200, "{label}");
-        assert_same_bytes(label, &bytes, &body);
-    }
-    sender.finish().assert_done(bytes.len() as u64, 2);
+    let mut receivers = [("stayer", &mut stayer), ("joiner", &mut joiner)];
+    send_to_waiting(&server.url(&path), &dir, &bytes, &mut receivers);
 }
 
 /// A raw receiver of `path` that got a place: retried while the pipe answers `409` (all its

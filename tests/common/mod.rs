@@ -1577,3 +1577,18 @@ impl Server {
         }
     }
 }
+
+/// A curl sender fills a pipe whose raw receivers are all waiting: each receiver gets
+/// exactly `bytes` with a 200, and the sender's summary says every one of them did.
+pub fn send_to_waiting(url: &str, dir: &TempDir, bytes: &[u8], receivers: &mut [(&str, &mut Raw)]) {
+    let mut sender = Sender::spawn(url, Upload::Stdin, dir, &[]);
+    sender.feed(bytes.to_vec());
+    for (label, receiver) in receivers.iter_mut() {
+        let (head, body) = receiver.read_response();
+        assert_eq!(head.status, 200, "{label}");
+        assert_same_bytes(label, bytes, &body);
+    }
+    sender
+        .finish()
+        .assert_done(bytes.len() as u64, receivers.len() as u32);
+}
