@@ -181,6 +181,20 @@ fn pieces() -> impl Strategy<Value = Vec<usize>> {
     prop::collection::vec(1usize..64, 1..16)
 }
 
+/// Fed whole or in `pieces`, `bytes` give the same heads and errors, and every error is
+/// a status of the head parser.
+fn same_at_any_split(bytes: &[u8], pieces: &[usize]) -> Result<(), TestCaseError> {
+    let whole = feed(&mut reader(), bytes, &[usize::MAX], MAX_HEAD);
+    let split = feed(&mut reader(), bytes, pieces, MAX_HEAD);
+    prop_assert_eq!(&whole, &split);
+    for r in &whole.0 {
+        if let Err(s) = r {
+            prop_assert!([400, 414, 431, 505, 501].contains(s), "status {}", s);
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -214,14 +228,7 @@ proptest! {
         bytes in prop::collection::vec(any::<u8>(), 0..600),
         pieces in pieces(),
     ) {
-        let whole = feed(&mut reader(), &bytes, &[usize::MAX], MAX_HEAD);
-        let split = feed(&mut reader(), &bytes, &pieces, MAX_HEAD);
-        prop_assert_eq!(&whole, &split);
-        for r in &whole.0 {
-            if let Err(s) = r {
-                prop_assert!([400, 414, 431, 505, 501].contains(s), "status {}", s);
-            }
-        }
+        same_at_any_split(&bytes, &pieces)?;
     }
 
     /// Bytes that look like HTTP (mostly head characters) never panic either.
@@ -231,14 +238,7 @@ proptest! {
         pieces in pieces(),
     ) {
         let bytes = bytes.into_bytes();
-        let whole = feed(&mut reader(), &bytes, &[usize::MAX], MAX_HEAD);
-        let split = feed(&mut reader(), &bytes, &pieces, MAX_HEAD);
-        prop_assert_eq!(&whole, &split);
-        for r in &whole.0 {
-            if let Err(s) = r {
-                prop_assert!([400, 414, 431, 505, 501].contains(s), "status {}", s);
-            }
-        }
+        same_at_any_split(&bytes, &pieces)?;
     }
 
     /// With small limits, whatever the reads: the same outcome, every head within the
