@@ -8,13 +8,28 @@ use clap::Parser;
 use fanpipe_core::config::MIN_BUFFER_SIZE;
 use fanpipe_core::Config;
 
-#[cfg(feature = "tokio")]
-use fanpipe_tokio as backend;
+/// Picks the backend of `$feature` when it is the only backend feature on.
+macro_rules! backend {
+    ($feature:literal, $krate:ident, $other1:literal, $other2:literal) => {
+        #[cfg(all(feature = $feature, not(feature = $other1), not(feature = $other2)))]
+        use $krate as backend;
+        #[cfg(all(feature = $feature, not(feature = $other1), not(feature = $other2)))]
+        const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (backend: ", $feature, ")");
+    };
+}
+backend!("tokio", fanpipe_tokio, "smol", "glommio");
+backend!("smol", fanpipe_smol, "tokio", "glommio");
+backend!("glommio", fanpipe_glommio, "tokio", "smol");
 
-#[cfg(not(feature = "tokio"))]
-compile_error!("build fanpipe with exactly one backend feature: tokio");
-
-const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (backend: tokio)");
+#[cfg(not(any(
+    all(feature = "tokio", not(feature = "smol"), not(feature = "glommio")),
+    all(feature = "smol", not(feature = "tokio"), not(feature = "glommio")),
+    all(feature = "glommio", not(feature = "tokio"), not(feature = "smol")),
+)))]
+compile_error!(
+    "build fanpipe with exactly one backend feature: `tokio` (the default), or \
+     `--no-default-features --features smol`, or `--no-default-features --features glommio`"
+);
 
 /// HTTP fan-out pipe: one sender streams bytes to n receivers, with plain curl.
 ///
@@ -57,6 +72,10 @@ struct Args {
     /// Most pipes, waiting or running; a party opening one more gets 503.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     max_pipes: u64,
+    /// Threads serving connections (default: one per core). On glommio, one executor
+    /// pinned to each.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
     /// Seconds running transfers get to finish after SIGTERM or SIGINT before they are cut.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
     shutdown_grace: u64,
@@ -87,7 +106,11 @@ fn main() -> ExitCode {
         ..Config::default()
     };
     let grace = Duration::from_secs(args.shutdown_grace);
-    let result = backend::run(args.listen, config, grace, |addr| {
+    let threads = args.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |t| t as usize,
+    );
+    let result = backend::run(args.listen, config, threads, grace, |addr| {
         eprintln!("fanpipe {LONG_VERSION} listening on http://{addr}");
     });
     match result {

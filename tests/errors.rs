@@ -12,7 +12,6 @@ use common::*;
 // n
 // ---------------------------------------------------------------------------------------
 
-#[test]
 fn invalid_n_is_400_with_the_allowed_range() {
     let server = Server::start(&[]);
     let name = pipe_name("invalid-n");
@@ -35,7 +34,6 @@ fn invalid_n_is_400_with_the_allowed_range() {
     }
 }
 
-#[test]
 fn max_receivers_flag_bounds_n() {
     let server = Server::start(&["--max-receivers", "5"]);
     let name = pipe_name("max-n");
@@ -60,7 +58,6 @@ fn max_receivers_flag_bounds_n() {
     );
 }
 
-#[test]
 fn mismatched_receiver_is_400_and_the_pipe_goes_on() {
     let server = Server::start(&[]);
     let dir = TempDir::new("mismatch");
@@ -95,7 +92,6 @@ fn mismatched_receiver_is_400_and_the_pipe_goes_on() {
     sender.finish().assert_done(bytes.len() as u64, 3);
 }
 
-#[test]
 fn mismatched_sender_is_400_and_waiting_receivers_stay() {
     let server = Server::start(&[]);
     let dir = TempDir::new("mismatch-sender");
@@ -123,7 +119,6 @@ fn mismatched_sender_is_400_and_waiting_receivers_stay() {
 // Conflicts
 // ---------------------------------------------------------------------------------------
 
-#[test]
 fn second_sender_is_409_and_the_pipe_goes_on() {
     let server = Server::start(&[]);
     let dir = TempDir::new("two-senders");
@@ -147,7 +142,6 @@ fn second_sender_is_409_and_the_pipe_goes_on() {
     sender.finish().assert_done(bytes.len() as u64, 1);
 }
 
-#[test]
 fn receiver_beyond_n_is_409_and_the_pipe_goes_on() {
     let server = Server::start(&[]);
     let dir = TempDir::new("extra-receiver");
@@ -175,7 +169,6 @@ fn receiver_beyond_n_is_409_and_the_pipe_goes_on() {
     send_to_waiting(&server.url(&path), &dir, &bytes, &mut receivers);
 }
 
-#[test]
 fn newcomer_during_a_running_transfer_is_409() {
     let server = Server::start(&[]);
     let dir = TempDir::new("running");
@@ -222,7 +215,6 @@ fn newcomer_during_a_running_transfer_is_409() {
 // Methods and reserved paths
 // ---------------------------------------------------------------------------------------
 
-#[test]
 fn other_methods_are_405_with_allow() {
     let server = Server::start(&[]);
     let url = server.pipe_url(&pipe_name("methods"), None);
@@ -239,7 +231,6 @@ fn other_methods_are_405_with_allow() {
     }
 }
 
-#[test]
 fn options_is_a_cors_preflight() {
     let server = Server::start(&[]);
     let url = server.pipe_url(&pipe_name("preflight"), None);
@@ -276,7 +267,6 @@ fn options_is_a_cors_preflight() {
     );
 }
 
-#[test]
 fn reserved_paths_answer_what_their_name_says() {
     let server = Server::start(&[]);
     for path in ["/", "/help"] {
@@ -302,7 +292,6 @@ fn reserved_paths_answer_what_their_name_says() {
     }
 }
 
-#[test]
 fn sending_to_a_reserved_path_is_400() {
     let server = Server::start(&[]);
     for path in [
@@ -322,7 +311,6 @@ fn sending_to_a_reserved_path_is_400() {
     }
 }
 
-#[test]
 fn http10_request_without_host_is_served() {
     let server = Server::start(&[]);
     let tail = raw_exchange(server.addr(), b"GET /healthz HTTP/1.0\r\n\r\n");
@@ -359,7 +347,6 @@ fn head_bytes(text: &str) -> Vec<u8> {
     text.as_bytes().to_vec()
 }
 
-#[test]
 fn malformed_heads_are_400_and_closed() {
     let server = Server::start(&[]);
     let pipe = |tag: &str| format!("/api/v1/pipe/{}", pipe_name(tag));
@@ -471,7 +458,6 @@ fn malformed_heads_are_400_and_closed() {
     expect_statuses(&server, cases);
 }
 
-#[test]
 fn unsupported_transfer_coding_is_501() {
     let server = Server::start(&[]);
     let cases = ["gzip", "deflate"]
@@ -491,7 +477,6 @@ fn unsupported_transfer_coding_is_501() {
     expect_statuses(&server, cases);
 }
 
-#[test]
 fn oversized_head_is_431_and_long_url_414() {
     let server = Server::start(&[]);
     let big = "a".repeat(100 * 1024);
@@ -510,7 +495,6 @@ fn oversized_head_is_431_and_long_url_414() {
     expect_statuses(&server, cases);
 }
 
-#[test]
 fn unknown_http_version_is_505() {
     let server = Server::start(&[]);
     let cases = ["HTTP/2.0", "HTTP/1.2", "HTTP/3.0"]
@@ -591,7 +575,6 @@ fn bad_chunk_case((addr, name, tail): (SocketAddr, String, Vec<u8>)) -> Result<(
     Ok(())
 }
 
-#[test]
 fn malformed_chunked_body_never_reaches_receivers_as_a_clean_end() {
     let server = Server::start(&[]);
     let tails: [(&str, &[u8]); 7] = [
@@ -621,7 +604,6 @@ fn malformed_chunked_body_never_reaches_receivers_as_a_clean_end() {
     check_all(cases, bad_chunk_case);
 }
 
-#[test]
 fn head_that_never_ends_is_dropped() {
     // Slow-loris: a head started and never finished must not hold a connection forever.
     let server = Server::start(&[]);
@@ -645,7 +627,6 @@ fn head_that_never_ends_is_dropped() {
 // Expect, bodies on GET, keep-alive
 // ---------------------------------------------------------------------------------------
 
-#[test]
 fn refused_request_never_gets_100_continue() {
     let server = Server::start(&[]);
     let taken = format!("/api/v1/pipe/{}", pipe_name("taken"));
@@ -735,7 +716,6 @@ fn split_responses(mut data: &[u8]) -> Vec<(Head, Vec<u8>)> {
     responses
 }
 
-#[test]
 fn get_with_a_body_is_not_parsed_as_the_next_request() {
     let server = Server::start(&[]);
     let smuggled = "GET /version HTTP/1.1\r\nHost: h\r\n\r\n";
@@ -768,7 +748,6 @@ fn get_with_a_body_is_not_parsed_as_the_next_request() {
     );
 }
 
-#[test]
 fn keep_alive_serves_two_requests_on_one_connection() {
     let server = Server::start(&[]);
     let mut conn = Raw::connect(&server);
@@ -777,4 +756,28 @@ fn keep_alive_serves_two_requests_on_one_connection() {
         let (head, _) = conn.read_response();
         assert_eq!(head.status, 200, "request {round} on one connection");
     }
+}
+
+conformance! {
+    invalid_n_is_400_with_the_allowed_range,
+    max_receivers_flag_bounds_n,
+    mismatched_receiver_is_400_and_the_pipe_goes_on,
+    mismatched_sender_is_400_and_waiting_receivers_stay,
+    second_sender_is_409_and_the_pipe_goes_on,
+    receiver_beyond_n_is_409_and_the_pipe_goes_on,
+    newcomer_during_a_running_transfer_is_409,
+    other_methods_are_405_with_allow,
+    options_is_a_cors_preflight,
+    reserved_paths_answer_what_their_name_says,
+    sending_to_a_reserved_path_is_400,
+    http10_request_without_host_is_served,
+    malformed_heads_are_400_and_closed,
+    unsupported_transfer_coding_is_501,
+    oversized_head_is_431_and_long_url_414,
+    unknown_http_version_is_505,
+    malformed_chunked_body_never_reaches_receivers_as_a_clean_end,
+    head_that_never_ends_is_dropped,
+    refused_request_never_gets_100_continue,
+    get_with_a_body_is_not_parsed_as_the_next_request,
+    keep_alive_serves_two_requests_on_one_connection,
 }

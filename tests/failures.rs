@@ -23,7 +23,6 @@ fn assert_memory_bounded(server: &Server, what: &str) {
     );
 }
 
-#[test]
 fn sender_killed_mid_body_cuts_every_receiver() {
     let server = Server::start(&[]);
     let dir = TempDir::new("sender-killed");
@@ -51,7 +50,6 @@ fn sender_killed_mid_body_cuts_every_receiver() {
     drop(writer.join());
 }
 
-#[test]
 fn sender_gone_short_of_its_content_length_cuts_every_receiver() {
     let server = Server::start(&[]);
     let dir = TempDir::new("sender-short");
@@ -89,7 +87,6 @@ fn sender_gone_short_of_its_content_length_cuts_every_receiver() {
     curl_receiver.finish().assert_cut(&bytes);
 }
 
-#[test]
 fn receiver_killed_mid_body_the_others_get_every_byte() {
     let server = Server::start(&[]);
     let dir = TempDir::new("receiver-killed");
@@ -111,7 +108,6 @@ fn receiver_killed_mid_body_the_others_get_every_byte() {
     sender.finish().assert_failed(2, 3);
 }
 
-#[test]
 fn all_receivers_gone_the_sender_is_told_at_once() {
     // Raw both ends: the upload keeps coming in one endless chunk, and the only receiver
     // reads a little, then closes on unread data (a reset, as a crashed client's socket).
@@ -150,7 +146,6 @@ fn all_receivers_gone_the_sender_is_told_at_once() {
     upload.join().unwrap();
 }
 
-#[test]
 fn curl_sender_fails_when_its_only_receiver_dies() {
     let server = Server::start(&[]);
     let dir = TempDir::new("only-receiver-dies");
@@ -174,7 +169,6 @@ fn curl_sender_fails_when_its_only_receiver_dies() {
     );
 }
 
-#[test]
 fn http10_receiver_of_a_chunked_sender_gets_505() {
     let server = Server::start(&[]);
     let dir = TempDir::new("http10-chunked");
@@ -198,7 +192,6 @@ fn http10_receiver_of_a_chunked_sender_gets_505() {
     sender.finish().assert_failed(1, 2);
 }
 
-#[test]
 fn slow_receiver_gets_every_byte_and_memory_stays_bounded() {
     let server = Server::start(&[]);
     let dir = TempDir::new("slow");
@@ -217,7 +210,6 @@ fn slow_receiver_gets_every_byte_and_memory_stays_bounded() {
     assert_memory_bounded(&server, "16 MiB to a slow receiver");
 }
 
-#[test]
 fn stalled_receiver_holds_back_the_sender_and_memory_stays_bounded() {
     const TOTAL: u64 = 200 * MIB as u64;
     const SEED: u64 = 66;
@@ -269,4 +261,15 @@ fn stalled_receiver_holds_back_the_sender_and_memory_stays_bounded() {
     sender.finish().assert_done(TOTAL, 3);
     generator.join().unwrap();
     assert_memory_bounded(&server, "after 200 MiB");
+}
+
+conformance! {
+    sender_killed_mid_body_cuts_every_receiver,
+    sender_gone_short_of_its_content_length_cuts_every_receiver,
+    receiver_killed_mid_body_the_others_get_every_byte,
+    all_receivers_gone_the_sender_is_told_at_once,
+    curl_sender_fails_when_its_only_receiver_dies,
+    http10_receiver_of_a_chunked_sender_gets_505,
+    slow_receiver_gets_every_byte_and_memory_stays_bounded,
+    stalled_receiver_holds_back_the_sender_and_memory_stays_bounded,
 }

@@ -51,7 +51,6 @@ fn pair_succeeds(server: &Server, name: &str, n: u32, seed: u64) {
 // --wait-timeout
 // ---------------------------------------------------------------------------------------
 
-#[test]
 fn waiting_receiver_times_out_with_408_and_the_name_is_free() {
     let server = Server::start(&["--wait-timeout", "2"]);
     let name = pipe_name("wait-receiver");
@@ -73,7 +72,6 @@ fn waiting_receiver_times_out_with_408_and_the_name_is_free() {
     pair_succeeds(&server, &name, 1, 100);
 }
 
-#[test]
 fn waiting_sender_times_out_with_an_error_line_and_the_name_is_free() {
     let server = Server::start(&["--wait-timeout", "2"]);
     let dir = TempDir::new("wait-sender");
@@ -106,7 +104,6 @@ fn waiting_sender_times_out_with_an_error_line_and_the_name_is_free() {
 // --idle-timeout
 // ---------------------------------------------------------------------------------------
 
-#[test]
 fn idle_timeout_drops_a_stalled_receiver_and_the_others_get_every_byte() {
     let server = Server::start(&["--idle-timeout", "2", "--buffer-size", "65536"]);
     let dir = TempDir::new("stalled-receiver");
@@ -158,7 +155,6 @@ fn idle_timeout_drops_a_stalled_receiver_and_the_others_get_every_byte() {
     );
 }
 
-#[test]
 fn idle_timeout_aborts_a_transfer_whose_sender_stalls() {
     let server = Server::start(&["--idle-timeout", "2"]);
     let dir = TempDir::new("stalled-sender");
@@ -237,7 +233,6 @@ fn assert_503_text(tail: &Tail, what: &str) {
     assert!(!body.trim().is_empty(), "{what}: the 503 has an empty body");
 }
 
-#[test]
 fn connection_over_max_connections_gets_503_then_new_ones_are_served() {
     let server = Server::start(&["--max-connections", "4"]);
     let path = format!("/api/v1/pipe/{}?n=2", pipe_name("max-conn"));
@@ -292,7 +287,6 @@ fn connection_over_max_connections_gets_503_then_new_ones_are_served() {
     drop(idle);
 }
 
-#[test]
 fn new_pipe_over_max_pipes_gets_503_and_joining_still_works() {
     let server = Server::start(&["--max-pipes", "2"]);
     let a = format!("/api/v1/pipe/{}?n=2", pipe_name("max-pipes-a"));
@@ -355,7 +349,6 @@ fn new_pipe_over_max_pipes_gets_503_and_joining_still_works() {
 // Heads and keep-alive
 // ---------------------------------------------------------------------------------------
 
-#[test]
 fn idle_keep_alive_connection_is_closed_without_a_response() {
     let server = Server::start(&["--keepalive-timeout", "1"]);
     let mut conn = Raw::connect(&server);
@@ -374,7 +367,6 @@ fn idle_keep_alive_connection_is_closed_without_a_response() {
     );
 }
 
-#[test]
 fn head_dribbled_past_head_timeout_is_408() {
     let server = Server::start(&["--head-timeout", "1"]);
     // A whole, valid head of 34 bytes: at one byte per 200 ms it ends after about 7 s,
@@ -407,7 +399,6 @@ fn head_dribbled_past_head_timeout_is_408() {
     assert!(tail.closed(), "the 408 connection was left open");
 }
 
-#[test]
 fn heads_over_max_head_size_or_max_headers_are_431() {
     let server = Server::start(&["--max-head-size", "2048", "--max-headers", "10"]);
     let fields =
@@ -499,7 +490,6 @@ fn assert_not_served_after_sigterm(addr: SocketAddr) -> String {
     format!("{status:?}, {end}")
 }
 
-#[test]
 fn sigterm_tells_waiting_parties_and_exits_0() {
     let server = Server::start(&[]);
     let dir = TempDir::new("sigterm-waiting");
@@ -532,7 +522,6 @@ fn sigterm_tells_waiting_parties_and_exits_0() {
     assert_exits_cleanly(server, 30, "");
 }
 
-#[test]
 fn sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer() {
     let server = Server::start(&["--shutdown-grace", "20"]);
     let dir = TempDir::new("sigterm-running");
@@ -577,7 +566,6 @@ fn sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer() {
     assert_exits_cleanly(server, 30, &format!("(the newcomer: {newcomer})"));
 }
 
-#[test]
 fn sigterm_cuts_a_transfer_still_running_when_the_grace_ends() {
     let server = Server::start(&["--shutdown-grace", "1"]);
     let dir = TempDir::new("sigterm-grace");
@@ -667,7 +655,6 @@ fn scrape_until(server: &Server, what: &str, ok: impl Fn(&str) -> bool) -> Strin
     }
 }
 
-#[test]
 fn metrics_list_every_series() {
     let server = Server::start(&[]);
     let text = scrape(&server);
@@ -699,7 +686,6 @@ fn metrics_list_every_series() {
     );
 }
 
-#[test]
 fn metrics_count_a_complete_transfer() {
     let server = Server::start(&[]);
     let dir = TempDir::new("metrics-transfer");
@@ -727,7 +713,6 @@ fn metrics_count_a_complete_transfer() {
     );
 }
 
-#[test]
 fn metrics_count_a_409() {
     let server = Server::start(&[]);
     let path = format!("/api/v1/pipe/{}?n=2", pipe_name("metrics-409"));
@@ -741,7 +726,6 @@ fn metrics_count_a_409() {
     });
 }
 
-#[test]
 fn metrics_show_a_waiting_receiver() {
     let server = Server::start(&[]);
     let before = scrape(&server);
@@ -768,7 +752,6 @@ fn metrics_show_a_waiting_receiver() {
     );
 }
 
-#[test]
 fn healthz_is_200_ok() {
     let server = Server::start(&[]);
     let reply = get(&server.url("/healthz"));
@@ -966,7 +949,6 @@ fn load_sender(addr: SocketAddr, path: &str, body: &[u8], chunked: bool) -> Resu
     }
 }
 
-#[test]
 fn thousand_connections_all_transfers_correct() {
     let server = Server::start(&["--buffer-size", "65536"]);
     let addr = server.addr();
@@ -1072,4 +1054,25 @@ fn assert_exits_cleanly(server: Server, secs: u64, context: &str) {
         exit.status,
         exit.log
     );
+}
+
+conformance! {
+    waiting_receiver_times_out_with_408_and_the_name_is_free,
+    waiting_sender_times_out_with_an_error_line_and_the_name_is_free,
+    idle_timeout_drops_a_stalled_receiver_and_the_others_get_every_byte,
+    idle_timeout_aborts_a_transfer_whose_sender_stalls,
+    connection_over_max_connections_gets_503_then_new_ones_are_served,
+    new_pipe_over_max_pipes_gets_503_and_joining_still_works,
+    idle_keep_alive_connection_is_closed_without_a_response,
+    head_dribbled_past_head_timeout_is_408,
+    heads_over_max_head_size_or_max_headers_are_431,
+    sigterm_tells_waiting_parties_and_exits_0,
+    sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer,
+    sigterm_cuts_a_transfer_still_running_when_the_grace_ends,
+    metrics_list_every_series,
+    metrics_count_a_complete_transfer,
+    metrics_count_a_409,
+    metrics_show_a_waiting_receiver,
+    healthz_is_200_ok,
+    thousand_connections_all_transfers_correct,
 }

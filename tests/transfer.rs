@@ -48,22 +48,18 @@ fn fan_out_from_stdin(n: u32, len: usize, seed: u64) {
     sender.finish().assert_done(len as u64, n);
 }
 
-#[test]
 fn one_receiver_gets_every_byte() {
     fan_out_from_stdin(1, 3 * MIB + 123, 1);
 }
 
-#[test]
 fn three_receivers_get_every_byte() {
     fan_out_from_stdin(3, 4 * MIB + 7, 2);
 }
 
-#[test]
 fn a_hundred_receivers_get_every_byte() {
     fan_out_from_stdin(100, 2 * MIB + 5, 3);
 }
 
-#[test]
 fn post_data_binary_is_delivered_with_its_length() {
     let server = Server::start(&[]);
     let dir = TempDir::new("data-binary");
@@ -82,7 +78,6 @@ fn post_data_binary_is_delivered_with_its_length() {
     sender.finish().assert_done(bytes.len() as u64, 3);
 }
 
-#[test]
 fn put_file_is_delivered_with_its_length() {
     let server = Server::start(&[]);
     let dir = TempDir::new("put-file");
@@ -101,7 +96,6 @@ fn put_file_is_delivered_with_its_length() {
     sender.finish().assert_done(bytes.len() as u64, 2);
 }
 
-#[test]
 fn receivers_after_the_sender() {
     let server = Server::start(&[]);
     let dir = TempDir::new("after");
@@ -115,7 +109,6 @@ fn receivers_after_the_sender() {
     sender.finish().assert_done(bytes.len() as u64, 3);
 }
 
-#[test]
 fn receivers_before_and_after_the_sender() {
     let server = Server::start(&[]);
     let dir = TempDir::new("around");
@@ -131,7 +124,6 @@ fn receivers_before_and_after_the_sender() {
     sender.finish().assert_done(bytes.len() as u64, 4);
 }
 
-#[test]
 fn nothing_moves_before_every_receiver_is_there() {
     let server = Server::start(&[]);
     let dir = TempDir::new("not-yet");
@@ -158,7 +150,6 @@ fn nothing_moves_before_every_receiver_is_there() {
     sender.finish().assert_done(bytes.len() as u64, 2);
 }
 
-#[test]
 fn requests_split_at_every_byte_still_work() {
     let server = Server::start(&[]);
     let path = format!("/api/v1/pipe/{}", pipe_name("bytewise"));
@@ -194,7 +185,6 @@ fn requests_split_at_every_byte_still_work() {
     );
 }
 
-#[test]
 fn bare_and_prefixed_paths_name_one_pipe() {
     let server = Server::start(&[]);
     let dir = TempDir::new("paths");
@@ -223,7 +213,6 @@ fn bare_and_prefixed_paths_name_one_pipe() {
     }
 }
 
-#[test]
 fn reserved_names_are_pipes_under_the_api_prefix() {
     let server = Server::start(&[]);
     let dir = TempDir::new("reserved-pipes");
@@ -238,7 +227,6 @@ fn reserved_names_are_pipes_under_the_api_prefix() {
     }
 }
 
-#[test]
 fn sender_headers_pass_through_to_receivers() {
     let server = Server::start(&[]);
     let dir = TempDir::new("headers");
@@ -292,7 +280,6 @@ fn sender_headers_pass_through_to_receivers() {
     sender.finish().assert_done(bytes.len() as u64, 2);
 }
 
-#[test]
 fn defaults_without_content_type_or_length() {
     let server = Server::start(&[]);
     let dir = TempDir::new("defaults");
@@ -323,7 +310,6 @@ fn defaults_without_content_type_or_length() {
     sender.finish().assert_done(bytes.len() as u64, 1);
 }
 
-#[test]
 fn empty_body_is_delivered_as_empty() {
     let server = Server::start(&[]);
     let dir = TempDir::new("empty");
@@ -349,7 +335,6 @@ fn empty_body_is_delivered_as_empty() {
     }
 }
 
-#[test]
 fn name_is_free_right_after_a_transfer() {
     let server = Server::start(&[]);
     let dir = TempDir::new("reuse");
@@ -365,7 +350,6 @@ fn name_is_free_right_after_a_transfer() {
     }
 }
 
-#[test]
 fn forty_pipes_in_parallel() {
     let server = Server::start(&[]);
     let dir = TempDir::new("forty");
@@ -385,7 +369,6 @@ fn forty_pipes_in_parallel() {
     }
 }
 
-#[test]
 fn waiting_receiver_that_disconnects_frees_its_place() {
     let server = Server::start(&[]);
     let path = format!("/api/v1/pipe/{}?n=2", pipe_name("leaver"));
@@ -421,7 +404,6 @@ fn attach_when_a_place_is_free(server: &Server, path: &str) -> Raw {
     }
 }
 
-#[test]
 fn expect_100_continue_is_answered_before_the_response() {
     let server = Server::start(&[]);
     let dir = TempDir::new("expect");
@@ -461,7 +443,6 @@ fn expect_100_continue_is_answered_before_the_response() {
     );
 }
 
-#[test]
 fn curl_upload_over_one_mib_gets_100_continue() {
     let server = Server::start(&[]);
     let dir = TempDir::new("expect-curl");
@@ -490,7 +471,6 @@ fn curl_upload_over_one_mib_gets_100_continue() {
     );
 }
 
-#[test]
 fn http10_receiver_of_a_sized_body_gets_it() {
     let server = Server::start(&[]);
     let dir = TempDir::new("http10");
@@ -506,7 +486,6 @@ fn http10_receiver_of_a_sized_body_gets_it() {
     sender.finish().assert_done(bytes.len() as u64, 2);
 }
 
-#[test]
 fn half_closed_receiver_gets_the_whole_stream() {
     let server = Server::start(&[]);
     let dir = TempDir::new("half-close");
@@ -526,4 +505,28 @@ fn half_closed_receiver_gets_the_whole_stream() {
     assert!(end.complete, "half-closed receiver's body cut: {end:?}");
     assert_same_bytes("half-closed receiver", &bytes, &body);
     sender.finish().assert_done(bytes.len() as u64, 1);
+}
+
+conformance! {
+    one_receiver_gets_every_byte,
+    three_receivers_get_every_byte,
+    a_hundred_receivers_get_every_byte,
+    post_data_binary_is_delivered_with_its_length,
+    put_file_is_delivered_with_its_length,
+    receivers_after_the_sender,
+    receivers_before_and_after_the_sender,
+    nothing_moves_before_every_receiver_is_there,
+    requests_split_at_every_byte_still_work,
+    bare_and_prefixed_paths_name_one_pipe,
+    reserved_names_are_pipes_under_the_api_prefix,
+    sender_headers_pass_through_to_receivers,
+    defaults_without_content_type_or_length,
+    empty_body_is_delivered_as_empty,
+    name_is_free_right_after_a_transfer,
+    forty_pipes_in_parallel,
+    waiting_receiver_that_disconnects_frees_its_place,
+    expect_100_continue_is_answered_before_the_response,
+    curl_upload_over_one_mib_gets_100_continue,
+    http10_receiver_of_a_sized_body_gets_it,
+    half_closed_receiver_gets_the_whole_stream,
 }

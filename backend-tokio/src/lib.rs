@@ -9,16 +9,16 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
-use fanpipe_core::metrics::{admit_connection, outcome_label, Metrics};
-use fanpipe_core::pipe::{Event, Pipe};
-use fanpipe_core::registry::{PipeId, Registry};
-use fanpipe_core::request::{Role, Route};
+use fanpipe_core::hub::{Hub, Phase};
+use fanpipe_core::metrics::{Connections, OpenConn};
+use fanpipe_core::pipe::Pipe;
+use fanpipe_core::registry::PipeId;
+use fanpipe_core::request::Role;
 use fanpipe_core::{Config, Reject};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,51 +39,22 @@ struct Arrival {
 /// What a pipe's task is told.
 enum Msg {
     Arrival(Box<Arrival>),
-    /// The server stops: let waiting parties go, finish the transfer.
-    Shutdown,
-    /// The grace is over: cut the transfer.
-    Abort,
+    /// The server's shutdown reached a new phase.
+    Phase(Phase),
 }
 
 type Handle = mpsc::UnboundedSender<Msg>;
 
-/// Counts a connection as open while it lives, wherever its socket goes.
-struct OpenConn(Arc<AtomicUsize>);
-
-impl Drop for OpenConn {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-struct Shared {
-    registry: Registry<Handle>,
-    metrics: Metrics,
-}
-
 struct Server {
     config: Config,
-    shared: Mutex<Shared>,
-    connections: Arc<AtomicUsize>,
+    hub: Mutex<Hub<Handle>>,
+    connections: Connections,
 }
 
 impl Server {
-    fn lock(&self) -> MutexGuard<'_, Shared> {
+    fn hub(&self) -> MutexGuard<'_, Hub<Handle>> {
         // A panic elsewhere must not take the registry down with it.
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Tells every pipe's task.
-    fn tell_pipes(&self, msg: impl Fn() -> Msg) {
-        let shared = self.lock();
-        for handle in shared.registry.handles() {
-            let _ = handle.send(msg());
-        }
-    }
-
-    fn pipes_left(&self) -> bool {
-        let c = self.lock().registry.counts();
-        c.waiting_pipes + c.running_pipes > 0
+        self.hub.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -96,12 +67,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let server = Arc::new(Server {
-        shared: Mutex::new(Shared {
-            registry: Registry::new(config.max_pipes),
-            metrics: Metrics::default(),
-        }),
+        hub: Mutex::new(Hub::new(&config)),
         config,
-        connections: Arc::new(AtomicUsize::new(0)),
+        connections: Connections::default(),
     });
     tokio::pin!(shutdown);
     loop {
@@ -109,10 +77,8 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let open = server.connections.fetch_add(1, Ordering::Relaxed);
-                    let guard = OpenConn(server.connections.clone());
-                    let full = admit_connection(open, server.config.max_connections).err();
-                    tokio::spawn(connection(server.clone(), stream, peer, guard, full));
+                    let open = server.connections.open(server.config.max_connections);
+                    tokio::spawn(connection(server.clone(), stream, peer, open));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait a little rather than spin.
@@ -124,36 +90,33 @@ pub async fn serve(
         }
     }
     drop(listener);
-    tracing::info!(
-        "shutting down: waiting up to {} s for running transfers",
-        grace.as_secs()
-    );
-    server.lock().registry.close();
-    server.tell_pipes(|| Msg::Shutdown);
-    let deadline = tokio::time::Instant::now() + grace;
-    while server.pipes_left() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if server.pipes_left() {
-        server.tell_pipes(|| Msg::Abort);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while server.pipes_left() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    server.hub().begin_shutdown(grace, Instant::now());
+    let mut told = Phase::Running;
+    loop {
+        let step = server.hub().poll_shutdown(Instant::now());
+        if step.phase > told {
+            told = step.phase;
+            for handle in server.hub().handles() {
+                let _ = handle.send(Msg::Phase(told));
+            }
+        }
+        sleep_until(step.next.into()).await;
+        if step.phase == Phase::Done {
+            return Ok(());
         }
     }
-    // Let the last words reach the clients before the runtime drops every socket.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(())
 }
 
-/// Binds `addr` and serves until SIGINT or SIGTERM.
+/// Binds `addr` and serves until SIGINT or SIGTERM, on `threads` worker threads.
 pub fn run(
     addr: SocketAddr,
     config: Config,
+    threads: usize,
     grace: Duration,
     on_bound: impl FnOnce(SocketAddr),
 ) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
         .enable_all()
         .build()?;
     rt.block_on(async {
@@ -183,8 +146,7 @@ async fn connection(
     server: Arc<Server>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    open: OpenConn,
-    full: Option<Reject>,
+    (open, full): (OpenConn, Option<Reject>),
 ) {
     let mut conn = Conn::new(&server.config, Instant::now());
     if let Some(why) = full {
@@ -192,13 +154,12 @@ async fn connection(
     }
     loop {
         if let Some(why) = conn.take_refused() {
-            tracing::info!(%peer, status = why.status(), "refused: {why}");
-            server.lock().metrics.reject(&why);
+            server.hub().refused(peer, &why);
         }
-        let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
+        let deadline = conn.poll_timeout();
         let timer = async {
             match deadline {
-                Some(d) => sleep_until(d).await,
+                Some(d) => sleep_until(d.into()).await,
                 None => std::future::pending().await,
             }
         };
@@ -222,32 +183,27 @@ async fn connection(
                 conn.handle_shutdown(Instant::now());
             }
             Action::Metrics => {
-                let text = {
-                    let shared = server.lock();
-                    let connections = server.connections.load(Ordering::Relaxed);
-                    shared.metrics.render(shared.registry.counts(), connections)
-                };
+                let text = server.hub().metrics_page(server.connections.count());
                 conn.handle_metrics(&text, Instant::now());
             }
             Action::Pipe => {
                 let Some(request) = conn.take_pipe_request() else {
                     return;
                 };
-                let Route::Pipe { name, role, n } = request.request.route.clone() else {
-                    return;
-                };
                 let refused = {
-                    let mut shared = server.lock();
-                    let make = |id| spawn_pipe(server.clone(), name.clone(), n, id);
-                    match shared.registry.admit(&name, role, n, make) {
+                    let mut hub = server.hub();
+                    let make = |name: &str, n, id| spawn_pipe(server.clone(), name, n, id);
+                    match hub.admit(&request, make) {
                         Ok(admitted) => {
                             // Sent under the lock, so the pipe sees parties in admission order.
-                            let _ = admitted.handle.send(Msg::Arrival(Box::new(Arrival {
+                            let role = request.role();
+                            let arrival = Arrival {
                                 stream,
                                 request,
                                 role,
                                 _open: open,
-                            })));
+                            };
+                            let _ = admitted.handle.send(Msg::Arrival(Box::new(arrival)));
                             return;
                         }
                         Err(why) => why,
@@ -260,8 +216,9 @@ async fn connection(
     }
 }
 
-fn spawn_pipe(server: Arc<Server>, name: String, n: usize, id: PipeId) -> Handle {
+fn spawn_pipe(server: Arc<Server>, name: &str, n: usize, id: PipeId) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
+    let name = name.to_owned();
     tokio::spawn(async move {
         let mut task = PipeTask {
             pipe: Pipe::new(&name, n, &server.config),
@@ -304,8 +261,7 @@ impl PipeTask {
                         self.pipe.join(a.request, a.role, now);
                         self.sockets.push(Some((a.stream, a._open)));
                     }
-                    Msg::Shutdown => self.pipe.handle_shutdown(now),
-                    Msg::Abort => self.pipe.handle_abort(now),
+                    Msg::Phase(phase) => self.pipe.handle_phase(phase, now),
                 }
                 moved = true;
             }
@@ -314,7 +270,8 @@ impl PipeTask {
             }
             while let Some(event) = self.pipe.poll_event() {
                 moved = true;
-                self.event(event);
+                let name = &self.name;
+                self.gone |= self.server.hub().handle_event(name, self.id, event);
             }
             if let Some(due) = self.pipe.poll_timeout() {
                 if due <= now {
@@ -382,30 +339,5 @@ impl PipeTask {
             }
         }
         moved
-    }
-
-    fn event(&mut self, event: Event) {
-        let mut shared = self.server.lock();
-        match event {
-            Event::Left(role) => self.gone |= shared.registry.leave(&self.name, self.id, role),
-            Event::Started => {
-                shared.registry.start(&self.name, self.id);
-                tracing::debug!(pipe = %self.name, "transfer started");
-            }
-            Event::Finished(s) => {
-                shared.registry.finish(&self.name, self.id);
-                shared.metrics.record(&s);
-                self.gone = true;
-                tracing::info!(
-                    pipe = %s.name,
-                    n = s.n,
-                    bytes = s.bytes,
-                    complete = s.complete,
-                    seconds = format_args!("{:.3}", s.seconds),
-                    outcome = outcome_label(s.outcome),
-                    "transfer ended"
-                );
-            }
-        }
     }
 }

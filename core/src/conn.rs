@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::error::Reject;
 use crate::head::HeadReader;
-use crate::request::{interpret, Page, Request, Route};
+use crate::request::{interpret, Page, Request, Role, Route};
 use crate::response;
 
 /// What the backend must do next for this connection.
@@ -70,6 +70,17 @@ const MAX_LINGER_BYTES: usize = 1 << 20;
 pub struct PipeRequest {
     pub request: Request,
     pub leftover: Vec<u8>,
+}
+
+impl PipeRequest {
+    /// The role its route names. `take_pipe_request` only hands over pipe routes; any
+    /// other would be a receiver of nothing.
+    pub fn role(&self) -> Role {
+        match &self.request.route {
+            Route::Pipe { role, .. } => *role,
+            _ => Role::Receiver,
+        }
+    }
 }
 
 impl Conn {

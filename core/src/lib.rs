@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod head;
+pub mod hub;
 pub mod metrics;
 pub mod pipe;
 pub mod registry;

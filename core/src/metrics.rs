@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::error::Reject;
 use crate::pipe::{Outcome, Summary};
@@ -97,12 +99,33 @@ impl Metrics {
     }
 }
 
-/// Whether one more connection may be served, given how many are open.
-pub fn admit_connection(open: usize, max: usize) -> Result<(), Reject> {
-    if open >= max {
-        Err(Reject::TooManyConnections)
-    } else {
-        Ok(())
+/// How many client connections are open, wherever their sockets are (a connection's
+/// task, a pipe's task, another core). Shared by the backend's threads.
+#[derive(Debug, Clone, Default)]
+pub struct Connections(Arc<AtomicUsize>);
+
+/// One open connection; it counts until dropped with its socket.
+#[derive(Debug)]
+pub struct OpenConn(Arc<AtomicUsize>);
+
+impl Connections {
+    /// Counts a connection just accepted. It is to be answered with the refusal, if
+    /// any: past `max`, a connection only gets its `503`.
+    pub fn open(&self, max: usize) -> (OpenConn, Option<Reject>) {
+        let before = self.0.fetch_add(1, Ordering::Relaxed);
+        let full = (before >= max).then_some(Reject::TooManyConnections);
+        (OpenConn(self.0.clone()), full)
+    }
+
+    /// Open connections now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -144,8 +167,19 @@ mod tests {
     }
 
     #[test]
-    fn connections_past_the_limit_get_503() {
-        assert!(admit_connection(9, 10).is_ok());
-        assert_eq!(admit_connection(10, 10).unwrap_err().status(), 503);
+    fn connections_past_the_limit_get_503_and_count_until_dropped() {
+        let c = Connections::default();
+        let (a, full) = c.open(2);
+        assert!(full.is_none());
+        let (b, full) = c.open(2);
+        assert!(full.is_none());
+        let (d, full) = c.open(2);
+        assert_eq!(full.map(|r| r.status()), Some(503));
+        assert_eq!(c.count(), 3);
+        drop((a, d));
+        assert_eq!(c.count(), 1);
+        let (_e, full) = c.open(2);
+        assert!(full.is_none());
+        drop(b);
     }
 }

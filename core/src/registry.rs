@@ -11,6 +11,15 @@ use crate::request::Role;
 /// A pipe's identity: the same name is a new pipe after each transfer.
 pub type PipeId = u64;
 
+/// Which of `shards` owns the pipe `name`, for a backend that runs one registry user per
+/// core and keeps each transfer's data path on one core. Stable across runs (FNV-1a).
+pub fn shard_of(name: &str, shards: usize) -> usize {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % shards.max(1) as u64) as usize
+}
+
 #[derive(Debug)]
 struct Entry<H> {
     id: PipeId,
@@ -175,6 +184,20 @@ impl<H> Registry<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_has_one_shard_and_names_spread_over_all() {
+        assert_eq!(shard_of("build-12af", 1), 0);
+        assert_eq!(shard_of("x", 0), 0);
+        let mut seen = [0usize; 4];
+        for i in 0..400 {
+            let name = format!("pipe-{i}");
+            let s = shard_of(&name, 4);
+            assert_eq!(s, shard_of(&name, 4));
+            seen[s] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 50), "{seen:?}");
+    }
 
     fn admit(r: &mut Registry<()>, name: &str, role: Role, n: usize) -> Result<PipeId, Reject> {
         r.admit(name, role, n, |_| ()).map(|a| a.id)

@@ -6,11 +6,13 @@
 //! with deadlines, and each server is killed by a watchdog if its test runs too long (which
 //! makes every client of that server fail, so the test ends and reports it).
 //!
-//! The server under test is the `fanpipe` binary cargo built for this package. Set
-//! `FANPIPE_BIN` to the path of another build (another backend) to run the same suite
-//! against it; it must take the same flags and print the same `listening on` line.
+//! The server under test is the `fanpipe` binary of the test's backend (see `backend.rs`).
 
 #![allow(dead_code)]
+
+mod backend;
+
+pub use backend::{current, run_on, Backend};
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -38,11 +40,9 @@ pub const CURL_TIMED_OUT: i32 = 28;
 // Server guard
 // ---------------------------------------------------------------------------------------
 
-/// The server binary to test (see the module documentation).
+/// The server binary to test: the current test's backend.
 pub fn server_binary() -> PathBuf {
-    std::env::var_os("FANPIPE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fanpipe")))
+    current().binary()
 }
 
 /// One server process, listening on a free port of 127.0.0.1, killed on drop.
@@ -82,7 +82,8 @@ impl Server {
                 let _ = child.kill();
                 let status = child.wait();
                 panic!(
-                    "server {} {extra:?} printed no `listening on http://` line (exit: {status:?}); its log:\n{}",
+                    "{} server {} {extra:?} printed no `listening on http://` line (exit: {status:?}); its log:\n{}",
+                    current().name(),
                     bin.display(),
                     log.lock().unwrap().join("\n")
                 );
