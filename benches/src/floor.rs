@@ -1,0 +1,248 @@
+//! The floor server: the physical limit of "read once, write n times" on this machine.
+//!
+//! No HTTP at all. Each client opens with a fixed 24-byte hello (role, group, n); when a
+//! group has its `n` receivers and its sender, one thread reads the sender's bytes in large
+//! blocks with plain blocking reads and writes each block to the `n` receiver sockets in turn,
+//! then closes them all at the sender's EOF. Whatever a real pipe server adds (HTTP, framing,
+//! a runtime, buffering policy) shows as the distance from this floor.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const MAGIC: [u8; 4] = *b"FLR1";
+/// Length of the hello a floor client sends first.
+pub const HELLO_LEN: usize = 24;
+
+/// Which side of a group a floor client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Sender,
+    Receiver,
+}
+
+/// The hello of a floor client: magic, role, group id, receivers in the group.
+pub fn hello(role: Role, group: u64, n: u32) -> [u8; HELLO_LEN] {
+    let mut out = [0u8; HELLO_LEN];
+    out[..4].copy_from_slice(&MAGIC);
+    out[4] = match role {
+        Role::Sender => b'S',
+        Role::Receiver => b'R',
+    };
+    out[8..16].copy_from_slice(&group.to_le_bytes());
+    out[16..20].copy_from_slice(&n.to_le_bytes());
+    out
+}
+
+fn parse_hello(bytes: &[u8; HELLO_LEN]) -> io::Result<(Role, u64, u32)> {
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    if bytes[..4] != MAGIC {
+        return Err(bad("not a floor hello"));
+    }
+    let role = match bytes[4] {
+        b'S' => Role::Sender,
+        b'R' => Role::Receiver,
+        _ => return Err(bad("unknown role")),
+    };
+    let group = u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| bad("group"))?);
+    let n = u32::from_le_bytes(bytes[16..20].try_into().map_err(|_| bad("n"))?);
+    if n == 0 {
+        return Err(bad("n is 0"));
+    }
+    Ok((role, group, n))
+}
+
+/// How the floor server moves bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct FloorConfig {
+    /// Bytes per read from the sender (and so per write to each receiver).
+    pub block: usize,
+    /// Set TCP_NODELAY on the receivers' sockets.
+    pub nodelay: bool,
+}
+
+#[derive(Default)]
+struct Group {
+    n: u32,
+    receivers: Vec<TcpStream>,
+    sender: Option<TcpStream>,
+}
+
+/// Listens on `listen`, prints the bound port on stdout, and fans out groups until stdin
+/// closes (the parent went away) or the listener fails.
+pub fn serve(listen: &str, config: FloorConfig) -> io::Result<()> {
+    let listener = TcpListener::bind(listen)?;
+    // A deep accept queue, so a burst of a thousand connects is not dropped and retried.
+    // SAFETY: listen() on our own listening socket only changes its backlog.
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    let mut stdout = io::stdout();
+    writeln!(stdout, "{}", listener.local_addr()?.port())?;
+    stdout.flush()?;
+    std::thread::spawn(|| {
+        // The parent holds our stdin: its end is our end, so no floor server outlives a run.
+        let mut sink = Vec::new();
+        let _ = io::stdin().read_to_end(&mut sink);
+        std::process::exit(0);
+    });
+    let (hellos_tx, hellos) = mpsc::channel::<(Role, u64, u32, TcpStream)>();
+    std::thread::spawn(move || group_up(hellos, config));
+    for conn in listener.incoming() {
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of descriptors or similar: say so and keep serving what we have.
+                eprintln!("floor-server: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        // A sender may connect well before it says hello: wait for it on a thread of its own.
+        let hellos_tx = hellos_tx.clone();
+        std::thread::spawn(move || {
+            let mut bytes = [0u8; HELLO_LEN];
+            match conn
+                .read_exact(&mut bytes)
+                .and_then(|()| parse_hello(&bytes))
+            {
+                Ok((role, id, n)) => {
+                    let _ = hellos_tx.send((role, id, n, conn));
+                }
+                Err(e) => eprintln!("floor-server: bad hello: {e}"),
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Collects the clients of each group and starts its fan-out when it is complete.
+fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, TcpStream)>, config: FloorConfig) {
+    let mut groups: HashMap<u64, Group> = HashMap::new();
+    for (role, id, n, conn) in hellos {
+        let group = groups.entry(id).or_insert_with(|| Group {
+            n,
+            ..Group::default()
+        });
+        match role {
+            Role::Receiver => {
+                if config.nodelay {
+                    let _ = conn.set_nodelay(true);
+                }
+                group.receivers.push(conn);
+            }
+            Role::Sender => group.sender = Some(conn),
+        }
+        if group.receivers.len() >= group.n as usize && group.sender.is_some() {
+            if let Some(Group {
+                receivers,
+                sender: Some(sender),
+                ..
+            }) = groups.remove(&id)
+            {
+                let block = config.block;
+                std::thread::spawn(move || fan_out(sender, receivers, block));
+            }
+        }
+    }
+}
+
+/// Reads the sender once, writes every block to each receiver, then closes everything. A
+/// receiver whose write fails is dropped; the others go on.
+fn fan_out(mut sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
+    let mut buf = vec![0u8; block.max(4096)];
+    let mut live: Vec<Option<TcpStream>> = receivers.into_iter().map(Some).collect();
+    loop {
+        let read = match sender.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        for slot in live.iter_mut() {
+            if let Some(receiver) = slot {
+                if receiver.write_all(&buf[..read]).is_err() {
+                    *slot = None;
+                }
+            }
+        }
+        if live.iter().all(Option::is_none) {
+            break;
+        }
+    }
+    for receiver in live.into_iter().flatten() {
+        let _ = receiver.shutdown(Shutdown::Both);
+    }
+    let _ = sender.shutdown(Shutdown::Both);
+}
+
+/// A floor server running as our child process (this same binary's hidden `floor-server`
+/// subcommand). It is killed when dropped, and exits by itself if we die (its stdin closes).
+pub struct FloorChild {
+    child: Child,
+    port: u16,
+}
+
+impl FloorChild {
+    pub fn spawn(config: FloorConfig) -> io::Result<FloorChild> {
+        let exe = std::env::current_exe()?;
+        let mut command = Command::new(exe);
+        command.args([
+            "floor-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--block",
+            &config.block.to_string(),
+        ]);
+        if config.nodelay {
+            command.arg("--nodelay");
+        }
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            io::BufReader::new(stdout).read_line(&mut line)?;
+        }
+        match line.trim().parse() {
+            Ok(port) => Ok(FloorChild { child, port }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(io::Error::other(format!(
+                    "the floor server printed {line:?}, not its port"
+                )))
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for FloorChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellos_round_trip() {
+        let bytes = hello(Role::Receiver, 42, 30);
+        let (role, group, n) = parse_hello(&bytes).expect("valid hello");
+        assert_eq!((role, group, n), (Role::Receiver, 42, 30));
+        assert!(parse_hello(&[0u8; HELLO_LEN]).is_err());
+    }
+}

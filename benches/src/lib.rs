@@ -1,0 +1,13 @@
+//! The parts of `fanpipe-load`, the end-to-end load generator (see `src/bin/fanpipe-load.rs`
+//! for its usage): its HTTP/1.1 and floor clients, the payload, the floor server, the
+//! /proc figures and the reports.
+
+pub mod client;
+pub mod error;
+pub mod floor;
+pub mod http;
+pub mod payload;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod size;
