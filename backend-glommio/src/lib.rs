@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
@@ -53,9 +54,9 @@ pub fn run(
     on_bound: impl FnOnce(SocketAddr),
 ) -> io::Result<()> {
     let threads = threads.max(1);
-    if let Err(e) = LocalExecutorBuilder::new(Placement::Unbound).make() {
+    if let Err(why) = io_uring_works() {
         return Err(io::Error::other(format!(
-            "the glommio backend needs io_uring, which this system does not allow ({e}); \
+            "the glommio backend needs io_uring, which this system does not allow ({why}); \
              build fanpipe with the tokio or smol backend instead"
         )));
     }
@@ -93,6 +94,26 @@ pub fn run(
     Ok(())
 }
 
+/// Makes one executor and drops it. glommio panics, rather than failing, where io_uring
+/// is missing or too old (old kernel, seccomp); that panic is caught here, quietly, so
+/// the user reads one line instead of a backtrace.
+fn io_uring_works() -> Result<(), String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let made = std::panic::catch_unwind(|| LocalExecutorBuilder::new(Placement::Unbound).make());
+    std::panic::set_hook(hook);
+    match made {
+        Ok(Ok(_executor)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("glommio could not start")
+            .to_owned()),
+    }
+}
+
 /// One listening socket per executor, all on the same port, so the kernel spreads
 /// connections over the cores.
 fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListener>> {
@@ -107,7 +128,7 @@ fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListene
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.bind(&addr.into())?;
-        socket.listen(1024)?;
+        socket.listen(LISTEN_BACKLOG)?;
         let listener = std::net::TcpListener::from(socket);
         // Port 0 picks a port once; the other cores join it.
         addr = listener.local_addr()?;
@@ -364,6 +385,7 @@ async fn connection(
                     return;
                 };
                 drop(stream);
+                tracing::debug!(pipe = %name, from = core.me, to = owner, "handed over");
                 let handover = Handover {
                     socket,
                     peer,

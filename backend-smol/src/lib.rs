@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_executor::Executor;
 use async_io::{Async, Timer};
+use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
@@ -121,7 +122,15 @@ pub fn run(
 ) -> io::Result<()> {
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
-    let listener = Async::<TcpListener>::bind(addr)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    let listener = Async::new(TcpListener::from(socket))?;
     on_bound(listener.get_ref().local_addr()?);
     let executor = Arc::new(Executor::new());
     let (stop, stopped) = async_channel::bounded::<()>(1);

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
@@ -120,7 +121,13 @@ pub fn run(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let listener = TcpListener::bind(addr).await?;
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(LISTEN_BACKLOG as u32)?;
         on_bound(listener.local_addr()?);
         serve(listener, config, grace, stop_signal()).await
     })

@@ -62,3 +62,8 @@ impl Default for Config {
 
 /// Smallest buffer a pipe may be given: a chunk header and some data must fit.
 pub const MIN_BUFFER_SIZE: usize = 4096;
+
+/// Connections the kernel may queue before the server accepts them. A CI matrix connects
+/// all at once (hundreds of receivers within a millisecond); a short queue drops SYNs and
+/// costs each dropped client a one-second retransmit. Linux caps it at `somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 4096;
