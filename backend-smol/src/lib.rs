@@ -20,7 +20,7 @@ use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
-use fanpipe_core::pipe::Pipe;
+use fanpipe_core::pipe::{Pipe, READS_PER_TURN};
 use fanpipe_core::registry::PipeId;
 use fanpipe_core::request::Role;
 use fanpipe_core::{Config, Reject};
@@ -347,17 +347,23 @@ impl PipeTask {
                 Poll::Pending => {}
             }
         }
-        if let Some(buf) = self.pipe.read_buf(p) {
+        for _ in 0..READS_PER_TURN {
+            let Some(buf) = self.pipe.read_buf(p) else {
+                break;
+            };
             match Pin::new(&mut *sock).poll_read(cx, buf) {
                 Poll::Ready(Ok(n)) => {
                     self.pipe.handle_read(p, n, now);
                     moved = true;
+                    if n == 0 {
+                        break;
+                    }
                 }
                 Poll::Ready(Err(_)) => {
                     self.pipe.handle_error(p, now);
-                    moved = true;
+                    return true;
                 }
-                Poll::Pending => {}
+                Poll::Pending => break,
             }
         }
         moved

@@ -17,7 +17,7 @@ use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
-use fanpipe_core::pipe::Pipe;
+use fanpipe_core::pipe::{Pipe, READS_PER_TURN};
 use fanpipe_core::registry::PipeId;
 use fanpipe_core::request::Role;
 use fanpipe_core::{Config, Reject};
@@ -330,19 +330,25 @@ impl PipeTask {
                 Poll::Pending => {}
             }
         }
-        if let Some(buf) = self.pipe.read_buf(p) {
+        for _ in 0..READS_PER_TURN {
+            let Some(buf) = self.pipe.read_buf(p) else {
+                break;
+            };
             let mut rb = ReadBuf::new(buf);
             match Pin::new(&mut *sock).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     self.pipe.handle_read(p, n, now);
                     moved = true;
+                    if n == 0 {
+                        break;
+                    }
                 }
                 Poll::Ready(Err(_)) => {
                     self.pipe.handle_error(p, now);
-                    moved = true;
+                    return true;
                 }
-                Poll::Pending => {}
+                Poll::Pending => break,
             }
         }
         moved

@@ -1,9 +1,9 @@
 //! The floor server: the physical limit of "read once, write n times" on this machine.
 //!
 //! No HTTP at all. Each client opens with a fixed 24-byte hello (role, group, n); when a
-//! group has its `n` receivers and its sender, one thread reads the sender's bytes in large
-//! blocks with plain blocking reads and writes each block to the `n` receiver sockets in turn,
-//! then closes them all at the sender's EOF. Whatever a real pipe server adds (HTTP, framing,
+//! group has its `n` receivers and its sender, one thread reads the sender's bytes once into
+//! a window of a few blocks and writes them to the `n` receiver sockets, all non-blocking
+//! under one `poll(2)`, then closes them all once the sender's EOF reached every receiver. Whatever a real pipe server adds (HTTP, framing,
 //! a runtime, buffering policy) shows as the distance from this floor.
 
 use std::collections::HashMap;
@@ -149,31 +149,122 @@ fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, TcpStream)>, config: FloorCo
     }
 }
 
-/// Reads the sender once, writes every block to each receiver, then closes everything. A
-/// receiver whose write fails is dropped; the others go on.
-fn fan_out(mut sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
-    let mut buf = vec![0u8; block.max(4096)];
-    let mut live: Vec<Option<TcpStream>> = receivers.into_iter().map(Some).collect();
+/// Blocks of the window: how far the fastest receiver may run ahead of the slowest.
+const WINDOW_BLOCKS: usize = 4;
+
+/// Reads the sender once into a window of a few blocks and writes it to every receiver,
+/// all sockets non-blocking under one `poll(2)`: a receiver whose socket is full never
+/// holds back the writes to the others, and the sender is read whenever the slowest
+/// receiver leaves room. A receiver whose write fails is dropped; the others go on.
+fn fan_out(sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
+    let block = block.max(4096);
+    let cap = block * WINDOW_BLOCKS;
+    let mut ring = vec![0u8; cap];
+    let mut head: u64 = 0;
+    let mut eof = false;
+    let mut live: Vec<Option<(TcpStream, u64)>> =
+        receivers.into_iter().map(|r| Some((r, 0))).collect();
+    for (r, _) in live.iter().flatten() {
+        let _ = r.set_nonblocking(true);
+    }
+    let _ = sender.set_nonblocking(true);
+    let mut sender = Some(sender);
     loop {
-        let read = match sender.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(read) => read,
-        };
-        for slot in live.iter_mut() {
-            if let Some(receiver) = slot {
-                if receiver.write_all(&buf[..read]).is_err() {
-                    *slot = None;
+        let tail = live
+            .iter()
+            .flatten()
+            .map(|(_, at)| *at)
+            .min()
+            .unwrap_or(head);
+        let mut moved = false;
+        // The sender, into the free part of the window (up to the wrap).
+        if let Some(s) = sender.as_mut() {
+            let free = cap - (head - tail) as usize;
+            let at = (head % cap as u64) as usize;
+            let room = free.min(cap - at).min(block);
+            if room > 0 {
+                match s.read(&mut ring[at..at + room]) {
+                    Ok(0) => eof = true,
+                    Ok(k) => {
+                        head += k as u64;
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => eof = true,
                 }
             }
         }
-        if live.iter().all(Option::is_none) {
+        if eof {
+            sender = None;
+        }
+        // Every receiver, as much as its socket takes (the window may wrap: two slices).
+        for slot in live.iter_mut() {
+            let Some((r, at)) = slot else { continue };
+            if *at == head {
+                continue;
+            }
+            let from = (*at % cap as u64) as usize;
+            let len = (head - *at) as usize;
+            let first = len.min(cap - from);
+            let bufs = [
+                io::IoSlice::new(&ring[from..from + first]),
+                io::IoSlice::new(&ring[..len - first]),
+            ];
+            match r.write_vectored(&bufs) {
+                Ok(k) if k > 0 => {
+                    *at += k as u64;
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => *slot = None,
+            }
+        }
+        let behind = live.iter().flatten().any(|(_, at)| *at < head);
+        if sender.is_none() && !behind {
             break;
         }
+        if !moved {
+            wait(sender.as_ref(), &live, head, cap);
+        }
     }
-    for receiver in live.into_iter().flatten() {
+    for (receiver, _) in live.into_iter().flatten() {
+        let _ = receiver.set_nonblocking(false);
         let _ = receiver.shutdown(Shutdown::Both);
     }
-    let _ = sender.shutdown(Shutdown::Both);
+}
+
+/// Sleeps in `poll(2)` until the sender has bytes (if there is room for them) or a
+/// receiver that is behind can take more.
+fn wait(sender: Option<&TcpStream>, live: &[Option<(TcpStream, u64)>], head: u64, cap: usize) {
+    let tail = live
+        .iter()
+        .flatten()
+        .map(|(_, at)| *at)
+        .min()
+        .unwrap_or(head);
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(live.len() + 1);
+    if let Some(s) = sender.filter(|_| ((head - tail) as usize) < cap) {
+        fds.push(libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    for (r, at) in live.iter().flatten() {
+        if *at < head {
+            fds.push(libc::pollfd {
+                fd: r.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            });
+        }
+    }
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: `fds` is a live, correctly sized array of pollfd for the whole call, and
+    // every descriptor in it belongs to a socket borrowed for that time.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
 }
 
 /// A floor server running as our child process (this same binary's hidden `floor-server`

@@ -205,10 +205,23 @@ impl BodyDecoder {
     }
 }
 
-/// Writes the chunk-size line for `len` bytes of data into `out`.
+/// Writes the chunk-size line for `len` bytes of data into `out`. Once per receiver per
+/// write, so by hand rather than through the formatting machinery.
 pub fn chunk_header(len: usize, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let _ = write!(out, "{len:x}\r\n");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 2 * std::mem::size_of::<usize>()];
+    let mut at = digits.len();
+    let mut v = len;
+    loop {
+        at -= 1;
+        digits[at] = HEX[v & 0xf];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The end of a chunked body: the last chunk and an empty trailer.
@@ -239,6 +252,21 @@ pub fn encode(data: &[u8], sizes: &[usize]) -> Vec<u8> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_headers_are_lowercase_hex_without_padding() {
+        for (len, line) in [
+            (0, "0\r\n"),
+            (1, "1\r\n"),
+            (255, "ff\r\n"),
+            (0x10000, "10000\r\n"),
+            (usize::MAX, "ffffffffffffffff\r\n"),
+        ] {
+            let mut out = b"x".to_vec();
+            chunk_header(len, &mut out);
+            assert_eq!(out, format!("x{line}").as_bytes());
+        }
+    }
 
     /// Decodes all of `input`, fed in pieces of `piece` bytes.
     pub(crate) fn decode_all(

@@ -139,6 +139,12 @@ enum Stage {
     Ended,
 }
 
+/// How many times a backend reads one party's socket in a turn, while it has bytes and
+/// [`Pipe::read_buf`] offers room: the rest of a chunk that came behind its framing is
+/// then read before the receivers are written, in one round of writes instead of two.
+/// Bounded, so that a client that never stops sending cannot hold the pipe's task.
+pub const READS_PER_TURN: usize = 4;
+
 /// How many framing bytes the sender is read for at a time; data that comes with them is
 /// copied, the rest of a chunk is read straight into the buffer.
 const RAW_READ: usize = 64;
@@ -616,7 +622,13 @@ impl Pipe {
                 self.parties[p].role == Role::Receiver && self.parties[p].phase == Phase::Waiting
             })
             .collect();
-        let mut buffer = Broadcast::new(self.config.buffer_size.max(MIN_BUFFER_SIZE), ids.len());
+        // A body of known length needs no more room than itself: a thousand small pipes
+        // must not each hold a whole buffer.
+        let most = self.config.buffer_size.max(MIN_BUFFER_SIZE);
+        let capacity = length.map_or(most, |l| {
+            usize::try_from(l).map_or(most, |l| l.clamp(MIN_BUFFER_SIZE, most))
+        });
+        let mut buffer = Broadcast::new(capacity, ids.len());
         for (slot, &p) in ids.iter().enumerate() {
             let party = &mut self.parties[p];
             party.slot = slot;
