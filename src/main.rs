@@ -81,7 +81,26 @@ struct Args {
     shutdown_grace: u64,
 }
 
+/// Each running pipe holds a ring of up to `--buffer-size` bytes. glibc serves large blocks
+/// with mmap only up to a threshold that it raises each time such a block is freed, after
+/// which rings come from the heap, are zeroed page by page, and stay with the process when
+/// freed: a burst of a thousand small pipes left hundreds of MiB resident for good. A fixed
+/// threshold keeps every ring in its own mapping: untouched pages cost nothing and a
+/// finished pipe's memory goes back to the system (BENCHMARKS.md, "Memory").
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_freed_buffers_to_the_system() {
+    // SAFETY: mallopt takes two integers and only changes the allocator's policy for later
+    // allocations; it is called first thing in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_freed_buffers_to_the_system() {}
+
 fn main() -> ExitCode {
+    return_freed_buffers_to_the_system();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -1,11 +1,19 @@
 //! The bounded buffer between one sender and its receivers: one write position, one read
 //! cursor per receiver. The slowest live receiver alone decides how much space is free,
-//! so memory never grows past the capacity, however large the body or slow a receiver.
+//! so memory never grows past the limit, however large the body or slow a receiver.
+//!
+//! The ring starts small and doubles, up to its limit, only when the writer finds it full:
+//! a short transfer, or one whose receivers keep up, never holds a whole buffer, so a
+//! thousand small pipes cost a thousand small rings.
 
-/// A ring of `capacity` bytes with absolute (never wrapping) positions.
+/// Where a ring starts (or its limit, if smaller).
+pub const INITIAL_CAPACITY: usize = 64 * 1024;
+
+/// A ring of at most `limit` bytes with absolute (never wrapping) positions.
 #[derive(Debug)]
 pub struct Broadcast {
     buf: Vec<u8>,
+    limit: usize,
     /// Bytes ever written.
     head: u64,
     /// Each receiver's position; `None` once it has gone.
@@ -13,17 +21,56 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
+    /// A ring of `capacity` bytes, allocated at once.
     pub fn new(capacity: usize, receivers: usize) -> Self {
+        Self::growing(capacity, capacity, receivers)
+    }
+
+    /// A ring of `initial` bytes that grows up to `limit` as the writer needs room.
+    pub fn growing(initial: usize, limit: usize, receivers: usize) -> Self {
+        let limit = limit.max(1);
         Broadcast {
-            buf: vec![0; capacity.max(1)],
+            buf: vec![0; initial.clamp(1, limit)],
+            limit,
             head: 0,
             cursors: vec![Some(0); receivers],
         }
     }
 
-    /// Bytes the buffer holds at most.
+    /// Bytes the buffer holds now; it may grow up to [`Self::limit`].
     pub fn capacity(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Bytes the buffer may ever hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Free bytes, after growing the ring (if it may) until at least `want` are free.
+    pub fn reserve(&mut self, want: usize) -> usize {
+        while self.buf.len() - self.buffered() < want && self.buf.len() < self.limit {
+            self.grow((self.buf.len() * 2).min(self.limit));
+        }
+        self.buf.len() - self.buffered()
+    }
+
+    /// Moves the held bytes into a larger ring; positions are absolute, so cursors stay.
+    fn grow(&mut self, capacity: usize) {
+        let mut buf = vec![0; capacity];
+        let tail = self.tail();
+        let (old, new) = (self.buf.len() as u64, capacity as u64);
+        let mut at = tail;
+        while at < self.head {
+            let from = (at % old) as usize;
+            let to = (at % new) as usize;
+            let k = ((self.head - at) as usize)
+                .min(self.buf.len() - from)
+                .min(capacity - to);
+            buf[to..to + k].copy_from_slice(&self.buf[from..from + k]);
+            at += k as u64;
+        }
+        self.buf = buf;
     }
 
     /// Bytes ever written.
@@ -47,8 +94,9 @@ impl Broadcast {
     }
 
     /// The contiguous free space at the write position; empty when the slowest is a
-    /// whole buffer behind.
+    /// whole buffer (at its limit) behind.
     pub fn writable(&mut self) -> &mut [u8] {
+        self.reserve(1);
         let cap = self.buf.len();
         let free = cap - self.buffered();
         let at = (self.head % cap as u64) as usize;
@@ -151,12 +199,31 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn a_growing_ring_keeps_its_bytes_in_order() {
+        let mut b = Broadcast::growing(4, 16, 2);
+        assert_eq!(b.push(b"abc"), 3);
+        b.consume(0, 2);
+        b.consume(1, 2);
+        // Wrapped in the small ring, then grown: "c" and the new bytes stay in order.
+        assert_eq!(b.push(b"defghijklmnopqrstu"), 16 - 1);
+        assert_eq!(b.capacity(), 16);
+        let (x, y) = b.readable(0, u64::MAX);
+        assert_eq!([x, y].concat(), b"cdefghijklmnopqr");
+        assert_eq!(b.writable_len(), 0);
+    }
+
     proptest! {
         /// Against a model where each receiver is a Vec: every live receiver's output is
-        /// a prefix of the stream, the buffer stays bounded, and only live receivers gate.
+        /// a prefix of the stream, the buffer stays within its limit however it grows,
+        /// and only live receivers gate.
         #[test]
-        fn matches_a_model(cap in 1usize..200, ops in prop::collection::vec(op(4), 1..200)) {
-            let mut b = Broadcast::new(cap, 4);
+        fn matches_a_model(
+            cap in 1usize..200,
+            initial in 1usize..200,
+            ops in prop::collection::vec(op(4), 1..200),
+        ) {
+            let mut b = Broadcast::growing(initial, cap, 4);
             let mut stream: Vec<u8> = Vec::new();
             let mut got: Vec<Vec<u8>> = vec![Vec::new(); 4];
             let mut live = [true; 4];
@@ -187,6 +254,7 @@ mod tests {
                     Op::Leave(r) => { b.remove(r); live[r] = false; }
                 }
                 prop_assert!(b.buffered() <= cap);
+                prop_assert!(b.capacity() <= cap);
                 for r in 0..4 {
                     prop_assert_eq!(&got[r][..], &stream[..got[r].len()]);
                 }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::time::Instant;
 
-use crate::broadcast::Broadcast;
+use crate::broadcast::{Broadcast, INITIAL_CAPACITY};
 use crate::chunked::{chunk_header, BodyDecoder, BodyError, LAST_CHUNK};
 use crate::config::{Config, MIN_BUFFER_SIZE};
 use crate::conn::PipeRequest;
@@ -628,7 +628,7 @@ impl Pipe {
         let capacity = length.map_or(most, |l| {
             usize::try_from(l).map_or(most, |l| l.clamp(MIN_BUFFER_SIZE, most))
         });
-        let mut buffer = Broadcast::new(capacity, ids.len());
+        let mut buffer = Broadcast::growing(INITIAL_CAPACITY, capacity, ids.len());
         for (slot, &p) in ids.iter().enumerate() {
             let party = &mut self.parties[p];
             party.slot = slot;
@@ -685,7 +685,7 @@ impl Pipe {
             return Some(&mut space[..k]);
         }
         // Data read with framing is copied in, across the wrap if need be.
-        if buffer.capacity() - buffer.buffered() < RAW_READ {
+        if buffer.reserve(RAW_READ) < RAW_READ {
             return None;
         }
         self.read_into = ReadInto::Raw;
@@ -730,7 +730,7 @@ impl Pipe {
         let mut error = None;
         while self.raw_pos < self.raw.len() && !decoder.is_done() {
             // Input is never shorter than the data it holds, so `room` input bytes fit.
-            let room = buffer.capacity() - buffer.buffered();
+            let room = buffer.reserve(self.raw.len() - self.raw_pos);
             if room == 0 {
                 break;
             }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The BENCHMARKS.md table: for each backend, each scenario is run by `fanpipe-load compare`
+# (the floor and the server alternately, REPEAT times each, medians compared), and one
+# markdown row is printed per scenario: the server's and the floor's median GB/s, their
+# ratio, the CPU ratio, and the server's peak RSS over the scenario's runs.
+#
+# Usage: benches/table.sh [BACKEND...]   (default: tokio smol glommio; REPEAT=3)
+# Builds what it needs: target/release/fanpipe-load, and each backend's binary into
+# target/backends/BACKEND (the same place the conformance suite builds them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repeat=${REPEAT:-3}
+backends=("$@")
+[ ${#backends[@]} -gt 0 ] || backends=(tokio smol glommio)
+cargo build --quiet --release -p fanpipe-bench
+load=target/release/fanpipe-load
+
+# name | fanpipe-load arguments
+scenarios=(
+    "n=1, 1 GiB|-n 1 --size 1GiB"
+    "n=4, 1 GiB|-n 4 --size 1GiB"
+    "n=30, 800 MiB (the seed scenario)|-n 30 --size 800MiB"
+    "n=30, 800 MiB, chunked upload in 64 KiB chunks (as curl -T -)|-n 30 --size 800MiB --chunked --block-size 64KiB"
+    "n=100, 200 MiB|-n 100 --size 200MiB"
+    "n=1000, 16 MiB|-n 1000 --size 16MiB"
+    "1000 pipes at once, n=1, 1 MiB each|--pipes 1000 -n 1 --size 1MiB"
+)
+
+field() { # field NAME JSON: a number from a flat JSON line
+    sed -n "s/.*\"$1\":\([0-9.e+-]*\).*/\1/p" <<<"$2"
+}
+
+echo "| backend | scenario | server GB/s | floor GB/s | server/floor | CPU server/floor | server peak RSS |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+for backend in "${backends[@]}"; do
+    cargo build --quiet --release --bin fanpipe --no-default-features --features "$backend" \
+        --target-dir "target/backends/$backend"
+    bin="target/backends/$backend/release/fanpipe"
+    port=$((18500 + RANDOM % 1000))
+    "$bin" --listen "127.0.0.1:$port" 2>/dev/null &
+    pid=$!
+    sleep 1
+    for scenario in "${scenarios[@]}"; do
+        name=${scenario%%|*}
+        # shellcheck disable=SC2206
+        args=(${scenario#*|})
+        out=$("$load" compare --url "http://127.0.0.1:$port" --pid "$pid" --repeat "$repeat" \
+            --json "${args[@]}" 2>/dev/null)
+        cmp=$(grep '"mode":"compare"' <<<"$out")
+        rss=$(grep '"run":"median"' <<<"$out" | grep '"mode":"server"' | head -1)
+        printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.1f MiB |\n" "$backend" "$name" \
+            "$(field server_gbps "$cmp")" "$(field floor_gbps "$cmp")" "$(field ratio "$cmp")" \
+            "$(field cpu_ratio "$cmp")" "$(awk "BEGIN { print $(field peak_rss_kib "$rss") / 1024 }")"
+    done
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+done
