@@ -40,6 +40,11 @@ use socket2::{SockRef, Socket};
 /// The name of this backend, for `--version`.
 pub const BACKEND: &str = "glommio";
 
+/// Memory each executor sets aside for io_uring's registered buffers. Those serve file
+/// I/O, which fanpipe does not do: sockets are read into the pipes' own rings. glommio's
+/// default (10 MiB per executor) would be most of the server's resident memory.
+const IO_MEMORY: usize = 256 << 10;
+
 /// How often an idle core looks whether a stop signal came.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
@@ -83,6 +88,7 @@ pub fn run(
         PoolPlacement::Unbound(threads)
     };
     let handles = LocalExecutorPoolBuilder::new(placement)
+        .io_memory(IO_MEMORY)
         .on_all_shards(move || {
             let (shared, listeners, mesh) = (shared.clone(), listeners.clone(), mesh.clone());
             async move { shard(shared, listeners, mesh).await }
@@ -100,7 +106,11 @@ pub fn run(
 fn io_uring_works() -> Result<(), String> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let made = std::panic::catch_unwind(|| LocalExecutorBuilder::new(Placement::Unbound).make());
+    let made = std::panic::catch_unwind(|| {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(IO_MEMORY)
+            .make()
+    });
     std::panic::set_hook(hook);
     match made {
         Ok(Ok(_executor)) => Ok(()),
