@@ -63,6 +63,8 @@ pub struct FloorConfig {
     pub block: usize,
     /// Set TCP_NODELAY on the receivers' sockets.
     pub nodelay: bool,
+    /// Move bytes with splice and tee instead of read and write (see `floor_tee`).
+    pub tee: bool,
 }
 
 #[derive(Default)]
@@ -143,7 +145,11 @@ fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, TcpStream)>, config: FloorCo
             }) = groups.remove(&id)
             {
                 let block = config.block;
-                std::thread::spawn(move || fan_out(sender, receivers, block));
+                if config.tee {
+                    std::thread::spawn(move || crate::floor_tee::fan_out(sender, receivers, block));
+                } else {
+                    std::thread::spawn(move || fan_out(sender, receivers, block));
+                }
             }
         }
     }
@@ -170,28 +176,30 @@ fn fan_out(sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
     let _ = sender.set_nonblocking(true);
     let mut sender = Some(sender);
     loop {
-        let tail = live
-            .iter()
-            .flatten()
-            .map(|(_, at)| *at)
-            .min()
-            .unwrap_or(head);
         let mut moved = false;
-        // The sender, into the free part of the window (up to the wrap).
-        if let Some(s) = sender.as_mut() {
+        // The sender, into the free part of the window (up to the wrap), until its socket
+        // is empty or the window full: each receiver write then carries all there is.
+        while let Some(s) = sender.as_mut().filter(|_| !eof) {
+            let tail = live
+                .iter()
+                .flatten()
+                .map(|(_, at)| *at)
+                .min()
+                .unwrap_or(head);
             let free = cap - (head - tail) as usize;
             let at = (head % cap as u64) as usize;
             let room = free.min(cap - at).min(block);
-            if room > 0 {
-                match s.read(&mut ring[at..at + room]) {
-                    Ok(0) => eof = true,
-                    Ok(k) => {
-                        head += k as u64;
-                        moved = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => eof = true,
+            if room == 0 {
+                break;
+            }
+            match s.read(&mut ring[at..at + room]) {
+                Ok(0) => eof = true,
+                Ok(k) => {
+                    head += k as u64;
+                    moved = true;
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => eof = true,
             }
         }
         if eof {
@@ -287,6 +295,9 @@ impl FloorChild {
         ]);
         if config.nodelay {
             command.arg("--nodelay");
+        }
+        if config.tee {
+            command.arg("--tee");
         }
         let mut child = command
             .stdin(Stdio::piped())

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod error;
 pub mod floor;
+pub mod floor_tee;
 pub mod http;
 pub mod payload;
 pub mod procstat;

@@ -79,6 +79,8 @@ enum Command {
         block: usize,
         #[arg(long)]
         nodelay: bool,
+        #[arg(long)]
+        tee: bool,
     },
 }
 
@@ -146,6 +148,10 @@ struct FloorArgs {
     /// Floor server: set TCP_NODELAY on the receivers' sockets
     #[arg(long)]
     floor_nodelay: bool,
+    /// Floor server: move bytes with splice(2) and tee(2), never copying them in user
+    /// space (to measure what zero-copy would save; Linux only, small n)
+    #[arg(long)]
+    floor_tee: bool,
 }
 
 impl FloorArgs {
@@ -153,6 +159,7 @@ impl FloorArgs {
         FloorConfig {
             block: self.floor_block.clamp(4096, 64 << 20) as usize,
             nodelay: self.floor_nodelay,
+            tee: self.floor_tee,
         }
     }
 }
@@ -164,8 +171,16 @@ fn main() -> ExitCode {
             listen,
             block,
             nodelay,
+            tee,
         }) => {
-            return match floor::serve(&listen, FloorConfig { block, nodelay }) {
+            return match floor::serve(
+                &listen,
+                FloorConfig {
+                    block,
+                    nodelay,
+                    tee,
+                },
+            ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("floor-server: {e}");
