@@ -4,7 +4,8 @@
 # markdown row is printed per scenario: the server's and the floor's median GB/s, their
 # ratio, the CPU ratio, and the server's peak RSS over the scenario's runs.
 #
-# Usage: benches/table.sh [BACKEND...]   (default: tokio smol glommio; REPEAT=3)
+# Usage: benches/table.sh [BACKEND...]   (default: tokio smol glommio; REPEAT=3; ONLY=REGEX
+# keeps the scenarios whose name matches)
 # Builds what it needs: target/release/fanpipe-load, and each backend's binary into
 # target/backends/BACKEND (the same place the conformance suite builds them).
 set -euo pipefail
@@ -42,6 +43,7 @@ for backend in "${backends[@]}"; do
     sleep 1
     for scenario in "${scenarios[@]}"; do
         name=${scenario%%|*}
+        [[ -z ${ONLY:-} || $name =~ $ONLY ]] || continue
         # shellcheck disable=SC2206
         args=(${scenario#*|})
         out=$("$load" compare --url "http://127.0.0.1:$port" --pid "$pid" --repeat "$repeat" \

@@ -1,10 +1,11 @@
 //! The floor server: the physical limit of "read once, write n times" on this machine.
 //!
 //! No HTTP at all. Each client opens with a fixed 24-byte hello (role, group, n); when a
-//! group has its `n` receivers and its sender, one thread reads the sender's bytes once into
-//! a window of a few blocks and writes them to the `n` receiver sockets, all non-blocking
-//! under one `poll(2)`, then closes them all once the sender's EOF reached every receiver. Whatever a real pipe server adds (HTTP, framing,
-//! a runtime, buffering policy) shows as the distance from this floor.
+//! group has its `n` receivers and its sender, one thread reads the sender's bytes once
+//! into a window of 1 MiB (fanpipe's default buffer) and writes them to the `n` receiver
+//! sockets, all non-blocking under one `poll(2)`, then closes them all once the sender's
+//! EOF reached every receiver. Whatever a real pipe server adds (HTTP, framing, a
+//! runtime, buffering policy) shows as the distance from this floor.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, Read, Write};
@@ -59,7 +60,8 @@ fn parse_hello(bytes: &[u8; HELLO_LEN]) -> io::Result<(Role, u64, u32)> {
 /// How the floor server moves bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct FloorConfig {
-    /// Bytes per read from the sender (and so per write to each receiver).
+    /// Bytes in flight between the sender and the slowest receiver: the window (the tee
+    /// variant: each kernel pipe's size).
     pub block: usize,
     /// Set TCP_NODELAY on the receivers' sockets.
     pub nodelay: bool,
@@ -155,16 +157,15 @@ fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, TcpStream)>, config: FloorCo
     }
 }
 
-/// Blocks of the window: how far the fastest receiver may run ahead of the slowest.
-const WINDOW_BLOCKS: usize = 4;
-
-/// Reads the sender once into a window of a few blocks and writes it to every receiver,
+/// Reads the sender once into a window of `block` bytes and writes it to every receiver,
 /// all sockets non-blocking under one `poll(2)`: a receiver whose socket is full never
 /// holds back the writes to the others, and the sender is read whenever the slowest
 /// receiver leaves room. A receiver whose write fails is dropped; the others go on.
 fn fan_out(sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
     let block = block.max(4096);
-    let cap = block * WINDOW_BLOCKS;
+    // The window: bytes in flight between the sender and the slowest receiver, as
+    // fanpipe's --buffer-size (same default, 1 MiB), so that both hold the same memory.
+    let cap = block;
     let mut ring = vec![0u8; cap];
     let mut head: u64 = 0;
     let mut eof = false;
@@ -188,7 +189,7 @@ fn fan_out(sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
                 .unwrap_or(head);
             let free = cap - (head - tail) as usize;
             let at = (head % cap as u64) as usize;
-            let room = free.min(cap - at).min(block);
+            let room = free.min(cap - at);
             if room == 0 {
                 break;
             }

@@ -142,7 +142,8 @@ struct LoadArgs {
 
 #[derive(Args, Clone)]
 struct FloorArgs {
-    /// Floor server: bytes per read from the sender
+    /// Floor server: bytes in flight between the sender and the slowest receiver (its
+    /// window; fanpipe's default --buffer-size is the same 1 MiB)
     #[arg(long, default_value = "1MiB", value_parser = size::parse_size)]
     floor_block: u64,
     /// Floor server: set TCP_NODELAY on the receivers' sockets
