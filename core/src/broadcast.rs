@@ -50,13 +50,20 @@ impl Broadcast {
     /// Free bytes, after growing the ring (if it may) until at least `want` are free.
     pub fn reserve(&mut self, want: usize) -> usize {
         while self.buf.len() - self.buffered() < want && self.buf.len() < self.limit {
-            self.grow((self.buf.len() * 2).min(self.limit));
+            self.grow();
         }
         self.buf.len() - self.buffered()
     }
 
+    /// Doubles the ring (up to its limit) for a writer that could have written more.
+    pub fn grow(&mut self) {
+        if self.buf.len() < self.limit {
+            self.grow_to((self.buf.len() * 2).min(self.limit));
+        }
+    }
+
     /// Moves the held bytes into a larger ring; positions are absolute, so cursors stay.
-    fn grow(&mut self, capacity: usize) {
+    fn grow_to(&mut self, capacity: usize) {
         let mut buf = vec![0; capacity];
         let tail = self.tail();
         let (old, new) = (self.buf.len() as u64, capacity as u64);

@@ -126,8 +126,13 @@ impl Party {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReadInto {
     Nowhere,
-    /// Straight into the buffer: chunk or body data.
-    Buffer,
+    /// Straight into the buffer: chunk or body data. `all_free`: the read was lent all
+    /// of the ring's free space, so filling it means the ring, not the sender, set the
+    /// size of the read.
+    Buffer {
+        lent: usize,
+        all_free: bool,
+    },
     /// Into `raw`: framing to decode first.
     Raw,
 }
@@ -677,6 +682,7 @@ impl Pipe {
         let data_left = decoder.data_left();
         let buffer = self.buffer.as_mut()?;
         if data_left > 0 {
+            let free = buffer.capacity() - buffer.buffered();
             let space = buffer.writable();
             let k = space
                 .len()
@@ -684,7 +690,10 @@ impl Pipe {
             if k == 0 {
                 return None;
             }
-            self.read_into = ReadInto::Buffer;
+            self.read_into = ReadInto::Buffer {
+                lent: k,
+                all_free: k == free,
+            };
             return Some(&mut space[..k]);
         }
         // Data read with framing is copied in, across the wrap if need be.
@@ -704,9 +713,14 @@ impl Pipe {
             return;
         }
         match into {
-            ReadInto::Buffer => {
+            ReadInto::Buffer { lent, all_free } => {
                 if let (Some(b), Some(d)) = (&mut self.buffer, &mut self.decoder) {
                     b.commit(n);
+                    if n == lent && all_free {
+                        // The sender had more than the ring could take: a larger ring
+                        // makes fewer, larger writes to every receiver.
+                        b.grow();
+                    }
                     d.advance_data(n as u64);
                     self.body_bytes += n as u64;
                     self.last_progress = Some(now);
