@@ -523,15 +523,17 @@ fn sigterm_tells_waiting_parties_and_exits_0() {
 }
 
 fn sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer() {
-    let server = Server::start(&["--shutdown-grace", "20"]);
+    let server = Server::start(&["--shutdown-grace", "60"]);
     let dir = TempDir::new("sigterm-running");
     let addr = server.addr();
     let waiting_path = format!("/api/v1/pipe/{}?n=2", pipe_name("sigterm-waiting"));
     let mut waiting = Raw::open(&server, &raw_head("GET", &waiting_path, &[]));
     assert_waiting(&mut waiting, "the waiting receiver");
 
-    // 4 MiB to receivers reading at most 1 MB/s: still running at SIGTERM, done in seconds.
-    let len = 4 * MIB;
+    // 12 MiB to receivers reading at most 1 MB/s: still running at SIGTERM (with seconds
+    // to spare on a loaded machine, as curl may read a first burst fast), done within
+    // the grace.
+    let len = 12 * MIB;
     let bytes = payload(len, 131);
     let url = server.pipe_url(&pipe_name("sigterm-running"), Some(2));
     let receivers: Vec<_> = (0..2)
@@ -540,11 +542,11 @@ fn sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer() {
                 &url,
                 &dir,
                 &format!("r{i}"),
-                &["--limit-rate", "1M", "--max-time", "40"],
+                &["--limit-rate", "1M", "--max-time", "90"],
             )
         })
         .collect();
-    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &["--max-time", "40"]);
+    let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, &["--max-time", "90"]);
     sender.feed(bytes.clone());
     receivers[0].wait_for_bytes(1);
     server.terminate();

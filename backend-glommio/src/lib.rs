@@ -23,19 +23,19 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use fanpipe_core::config::LISTEN_BACKLOG;
-use fanpipe_core::conn::{Action, Conn, PipeRequest};
+use fanpipe_core::conn::{Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
-use fanpipe_core::pipe::{Pipe, READS_PER_TURN};
 use fanpipe_core::registry::{shard_of, PipeId};
 use fanpipe_core::request::Route;
 use fanpipe_core::Config;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use fanpipe_driver::{poll_conn, Msg, PipeTask, Socket};
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::{sleep, Timer};
 use glommio::{LocalExecutorBuilder, LocalExecutorPoolBuilder, Placement, PoolPlacement};
-use socket2::{SockRef, Socket};
+use socket2::SockRef;
 
 /// The name of this backend, for `--version`.
 pub const BACKEND: &str = "glommio";
@@ -130,7 +130,7 @@ fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListene
     let mut listeners = Vec::with_capacity(threads);
     let mut addr = addr;
     for _ in 0..threads {
-        let socket = Socket::new(
+        let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,
             Some(socket2::Protocol::TCP),
@@ -181,34 +181,28 @@ struct Core {
     pipes: RefCell<HashMap<PipeId, Rc<Inbox>>>,
 }
 
-/// What a pipe's task is told.
-enum Msg {
-    Arrival(Box<(TcpStream, PipeRequest, OpenConn)>),
-    /// The server's shutdown reached a new phase.
-    Phase(Phase),
-}
-
 /// A pipe task's mailbox; only its own core writes to it.
 #[derive(Default)]
 struct Inbox {
-    msgs: RefCell<VecDeque<Msg>>,
+    msgs: RefCell<VecDeque<Msg<Party>>>,
     waker: RefCell<Option<Waker>>,
 }
 
 impl Inbox {
-    fn send(&self, msg: Msg) {
+    fn send(&self, msg: Msg<Party>) {
         self.msgs.borrow_mut().push_back(msg);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
     }
 
-    fn poll_recv(&self, cx: &Context<'_>) -> Option<Msg> {
+    fn poll_recv(&self, cx: &Context<'_>) -> Poll<Option<Msg<Party>>> {
         let msg = self.msgs.borrow_mut().pop_front();
         if msg.is_none() {
             *self.waker.borrow_mut() = Some(cx.waker().clone());
+            return Poll::Pending;
         }
-        msg
+        Poll::Ready(msg)
     }
 }
 
@@ -242,7 +236,8 @@ async fn shard(
         let core = core.clone();
         glommio::spawn_local(async move {
             while let Some(h) = receiver.recv().await {
-                let stream = TcpStream::from(Socket::from(std::net::TcpStream::from(h.socket)));
+                let stream =
+                    TcpStream::from(socket2::Socket::from(std::net::TcpStream::from(h.socket)));
                 let task = connection(
                     core.clone(),
                     stream,
@@ -316,236 +311,132 @@ fn fd(stream: &TcpStream) -> BorrowedFd<'_> {
 /// `pending` is a pipe request that arrived from another core, still to be admitted.
 async fn connection(
     core: Rc<Core>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     open: OpenConn,
     mut conn: Conn,
     mut pending: Option<PipeRequest>,
 ) {
     let shared = core.shared.clone();
+    let mut party = Party(stream);
+    let mut timer = Wake(None);
     loop {
-        if let Some(request) = pending.take() {
-            let refused = {
-                let mut hub = shared.hub();
-                let make = |name: &str, n, id| spawn_pipe(&core, name, n, id);
-                match hub.admit(&request, make) {
-                    Ok(admitted) => {
-                        // Sent under the lock, so the pipe sees parties in admission order.
-                        if let Some(inbox) = core.pipes.borrow().get(&admitted.id) {
-                            inbox.send(Msg::Arrival(Box::new((stream, request, open))));
-                        }
-                        return;
-                    }
-                    Err(why) => why,
-                }
-            };
-            conn.handle_refused(&refused, Instant::now());
-        }
-        if let Some(why) = conn.take_refused() {
-            shared.hub().refused(peer, &why);
-        }
-        let deadline = conn.poll_timeout();
-        let timer = async {
-            match deadline {
-                Some(d) => sleep(d.saturating_duration_since(Instant::now())).await,
-                None => std::future::pending().await,
+        let request = match pending.take() {
+            Some(request) => request,
+            None => {
+                let polled = poll_fn(|cx| {
+                    poll_conn(
+                        cx,
+                        &mut conn,
+                        &mut party,
+                        &mut timer,
+                        |why| shared.hub().refused(peer, why),
+                        || shared.hub().metrics_page(shared.connections.count()),
+                    )
+                });
+                let Some(request) = polled.await else {
+                    return;
+                };
+                request
             }
-            None
         };
-        match conn.poll_action() {
-            Action::Read => match async { Some(stream.read(conn.read_buf()).await) }
-                .or(timer)
-                .await
-            {
-                Some(Ok(n)) => conn.handle_read(n, Instant::now()),
-                Some(Err(_)) => conn.handle_error(),
-                None => conn.handle_timeout(Instant::now()),
-            },
-            Action::Write => match async { Some(stream.write(conn.output()).await) }
-                .or(timer)
-                .await
-            {
-                Some(Ok(n)) if n > 0 => conn.handle_wrote(n, Instant::now()),
-                Some(_) => conn.handle_error(),
-                None => conn.handle_timeout(Instant::now()),
-            },
-            Action::Shutdown => {
-                let _ = SockRef::from(&fd(&stream)).shutdown(Shutdown::Write);
-                conn.handle_shutdown(Instant::now());
-            }
-            Action::Metrics => {
-                let text = shared.hub().metrics_page(shared.connections.count());
-                conn.handle_metrics(&text, Instant::now());
-            }
-            Action::Pipe => {
-                let Some(request) = conn.take_pipe_request() else {
-                    return;
-                };
-                let Route::Pipe { name, .. } = &request.request.route else {
-                    return;
-                };
-                let owner = shard_of(name, shared.threads);
-                if owner == core.me {
-                    pending = Some(request);
-                    continue;
-                }
-                // The socket moves as a duplicate descriptor; this core's copy closes
-                // when `stream` drops.
-                let Ok(socket) = fd(&stream).try_clone_to_owned() else {
-                    return;
-                };
-                drop(stream);
-                tracing::debug!(pipe = %name, from = core.me, to = owner, "handed over");
-                let handover = Handover {
-                    socket,
-                    peer,
-                    conn,
-                    request,
-                    open,
-                };
-                let _ = core.peers.send_to(owner, handover).await;
+        let Route::Pipe { name, .. } = &request.request.route else {
+            return;
+        };
+        let owner = shard_of(name, shared.threads);
+        if owner != core.me {
+            // The socket moves as a duplicate descriptor; this core's copy closes when
+            // `party` drops.
+            let Ok(socket) = fd(&party.0).try_clone_to_owned() else {
                 return;
-            }
-            Action::Close => return,
+            };
+            drop(party);
+            tracing::debug!(pipe = %name, from = core.me, to = owner, "handed over");
+            let handover = Handover {
+                socket,
+                peer,
+                conn,
+                request,
+                open,
+            };
+            let _ = core.peers.send_to(owner, handover).await;
+            return;
         }
+        let refused = {
+            let mut hub = shared.hub();
+            let make = |name: &str, n, id| spawn_pipe(&core, name, n, id);
+            match hub.admit(&request, make) {
+                Ok(admitted) => {
+                    // Sent under the lock, so the pipe sees parties in admission order.
+                    if let Some(inbox) = core.pipes.borrow().get(&admitted.id) {
+                        inbox.send(Msg::Arrival(Box::new((party, request, open))));
+                    }
+                    return;
+                }
+                Err(why) => why,
+            }
+        };
+        conn.handle_refused(&refused, Instant::now());
     }
 }
 
 fn spawn_pipe(core: &Rc<Core>, name: &str, n: usize, id: PipeId) {
     let inbox = Rc::new(Inbox::default());
     core.pipes.borrow_mut().insert(id, inbox.clone());
-    let mut task = PipeTask {
-        pipe: Pipe::new(name, n, &core.shared.config),
-        sockets: Vec::new(),
-        inbox,
-        timer: None,
-        gone: false,
-        core: core.clone(),
-        name: name.to_owned(),
-        id,
-    };
+    let mut task = PipeTask::new(name, n, id, &core.shared.config, Wake(None));
+    let core = core.clone();
     glommio::spawn_local(async move {
-        poll_fn(|cx| task.drive(cx)).await;
-        task.core.pipes.borrow_mut().remove(&task.id);
+        poll_fn(|cx| {
+            task.drive(
+                cx,
+                |cx| inbox.poll_recv(cx),
+                |name, id, event| core.shared.hub().handle_event(name, id, event),
+            )
+        })
+        .await;
+        core.pipes.borrow_mut().remove(&task.id());
     })
     .detach();
 }
 
-/// The task that owns one pipe and all of its sockets.
-struct PipeTask {
-    pipe: Pipe,
-    sockets: Vec<Option<(TcpStream, OpenConn)>>,
-    inbox: Rc<Inbox>,
-    timer: Option<(Instant, Timer)>,
-    /// The registry no longer routes anyone here.
-    gone: bool,
-    core: Rc<Core>,
-    name: String,
-    id: PipeId,
-}
+/// A party's socket, for the pipe's task.
+struct Party(TcpStream);
 
-impl PipeTask {
-    /// Does all the I/O the core asks for until none can proceed; done once the pipe is
-    /// out of the registry and every socket is closed.
-    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            let now = Instant::now();
-            let mut moved = false;
-            while let Some(msg) = self.inbox.poll_recv(cx) {
-                match msg {
-                    Msg::Arrival(arrival) => {
-                        let (stream, request, open) = *arrival;
-                        let role = request.role();
-                        self.pipe.join(request, role, now);
-                        self.sockets.push(Some((stream, open)));
-                    }
-                    Msg::Phase(phase) => self.pipe.handle_phase(phase, now),
-                }
-                moved = true;
-            }
-            for p in 0..self.sockets.len() {
-                moved |= self.party_io(cx, p, now);
-            }
-            while let Some(event) = self.pipe.poll_event() {
-                moved = true;
-                let hub = &self.core.shared;
-                self.gone |= hub.hub().handle_event(&self.name, self.id, event);
-            }
-            if let Some(due) = self.pipe.poll_timeout() {
-                if due <= now {
-                    self.pipe.handle_timeout(now);
-                    moved = true;
-                } else {
-                    let timer = match &mut self.timer {
-                        Some((at, timer)) if *at == due => timer,
-                        slot => {
-                            let timer = Timer::new(due.saturating_duration_since(now));
-                            &mut slot.insert((due, timer)).1
-                        }
-                    };
-                    if Pin::new(timer).poll(cx).is_ready() {
-                        self.timer = None;
-                        moved = true;
-                    }
-                }
-            }
-            if self.gone && self.pipe.is_idle() {
-                return Poll::Ready(());
-            }
-            if !moved {
-                return Poll::Pending;
-            }
-        }
+impl Socket for Party {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 
-    /// One party's socket: close, shut down, write and read as the core says.
-    fn party_io(&mut self, cx: &mut Context<'_>, p: usize, now: Instant) -> bool {
-        let Some((sock, _)) = self.sockets[p].as_mut() else {
-            return false;
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        write_vectored(&mut self.0, cx, bufs)
+    }
+
+    fn shutdown_write(&mut self, _: &mut Context<'_>) {
+        let _ = SockRef::from(&fd(&self.0)).shutdown(Shutdown::Write);
+    }
+}
+
+/// The pipe task's timer: glommio's timers take a duration, so one is made per deadline.
+struct Wake(Option<(Instant, Timer)>);
+
+impl fanpipe_driver::Timer for Wake {
+    fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
+        let timer = match &mut self.0 {
+            Some((due, timer)) if *due == at => timer,
+            slot => {
+                let timer = Timer::new(at.saturating_duration_since(Instant::now()));
+                &mut slot.insert((at, timer)).1
+            }
         };
-        if self.pipe.is_closed(p) {
-            self.sockets[p] = None;
-            return true;
+        let fired = Pin::new(timer).poll(cx).map(|_| ());
+        if fired.is_ready() {
+            self.0 = None;
         }
-        let mut moved = false;
-        if self.pipe.take_shutdown(p) {
-            let _ = SockRef::from(&fd(sock)).shutdown(Shutdown::Write);
-            moved = true;
-        }
-        let slices = self.pipe.write_slices(p);
-        if slices.total() > 0 {
-            match write_vectored(sock, cx, &slices) {
-                Poll::Ready(Ok(n)) if n > 0 => {
-                    self.pipe.handle_wrote(p, n, now);
-                    moved = true;
-                }
-                Poll::Ready(_) => {
-                    self.pipe.handle_error(p, now);
-                    return true;
-                }
-                Poll::Pending => {}
-            }
-        }
-        for _ in 0..READS_PER_TURN {
-            let Some(buf) = self.pipe.read_buf(p) else {
-                break;
-            };
-            match Pin::new(&mut *sock).poll_read(cx, buf) {
-                Poll::Ready(Ok(n)) => {
-                    self.pipe.handle_read(p, n, now);
-                    moved = true;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                Poll::Ready(Err(_)) => {
-                    self.pipe.handle_error(p, now);
-                    return true;
-                }
-                Poll::Pending => break,
-            }
-        }
-        moved
+        fired
     }
 }
 

@@ -1,10 +1,9 @@
-//! fanpipe on smol / async-io. A thin driver: it moves bytes between sockets and the
-//! sans-io core and sleeps until the core's next deadline; every decision is the core's.
-//!
-//! One task per connection until its request is understood; then the connection is
-//! handed to the task that owns its pipe, which drives all of that pipe's sockets, so
-//! the data path takes no lock. Only the hub (registry and counters) is shared. The
-//! executor runs on one thread per core.
+//! fanpipe on smol / async-io. A thin driver: it accepts connections, gives each a task that runs
+//! `fanpipe_driver::poll_conn` on its socket, and once a request is admitted to a pipe,
+//! hands the socket to the task that owns that pipe (`fanpipe_driver::PipeTask`), which
+//! drives all of that pipe's sockets, so the data path takes no lock. Only the hub
+//! (registry and counters) is shared. What is smol's own: sockets, timers, channels,
+//! spawning, threads and signals.
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -17,34 +16,18 @@ use std::time::{Duration, Instant};
 use async_executor::Executor;
 use async_io::{Async, Timer};
 use fanpipe_core::config::LISTEN_BACKLOG;
-use fanpipe_core::conn::{Action, Conn, PipeRequest};
+use fanpipe_core::conn::Conn;
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
-use fanpipe_core::pipe::{Pipe, READS_PER_TURN};
 use fanpipe_core::registry::PipeId;
-use fanpipe_core::request::Role;
 use fanpipe_core::{Config, Reject};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt, Stream};
+use fanpipe_driver::{poll_conn, Msg, PipeTask, Socket};
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt, Stream};
 
 /// The name of this backend, for `--version`.
 pub const BACKEND: &str = "smol";
 
-/// A connection on its way to a pipe's task.
-struct Arrival {
-    stream: Async<TcpStream>,
-    request: PipeRequest,
-    role: Role,
-    _open: OpenConn,
-}
-
-/// What a pipe's task is told.
-enum Msg {
-    Arrival(Box<Arrival>),
-    /// The server's shutdown reached a new phase.
-    Phase(Phase),
-}
-
-type Handle = async_channel::Sender<Msg>;
+type Handle = async_channel::Sender<Msg<Party>>;
 
 struct Server {
     config: Config,
@@ -163,7 +146,7 @@ pub fn run(
 /// A connection until it is answered or handed to a pipe.
 async fn connection(
     server: Arc<Server>,
-    mut stream: Async<TcpStream>,
+    stream: Async<TcpStream>,
     peer: SocketAddr,
     (open, full): (OpenConn, Option<Reject>),
 ) {
@@ -171,201 +154,86 @@ async fn connection(
     if let Some(why) = full {
         conn.handle_refused(&why, Instant::now());
     }
+    let mut party = Party(stream);
+    let mut timer = Wake(Timer::never());
     loop {
-        if let Some(why) = conn.take_refused() {
-            server.hub().refused(peer, &why);
-        }
-        let deadline = conn.poll_timeout();
-        let timer = async {
-            match deadline {
-                Some(d) => Timer::at(d).await,
-                None => Timer::never().await,
-            };
-            None
+        let polled = poll_fn(|cx| {
+            poll_conn(
+                cx,
+                &mut conn,
+                &mut party,
+                &mut timer,
+                |why| server.hub().refused(peer, why),
+                || server.hub().metrics_page(server.connections.count()),
+            )
+        });
+        let Some(request) = polled.await else {
+            return;
         };
-        match conn.poll_action() {
-            Action::Read => match async { Some(stream.read(conn.read_buf()).await) }
-                .or(timer)
-                .await
-            {
-                Some(Ok(n)) => conn.handle_read(n, Instant::now()),
-                Some(Err(_)) => conn.handle_error(),
-                None => conn.handle_timeout(Instant::now()),
-            },
-            Action::Write => match async { Some(stream.write(conn.output()).await) }
-                .or(timer)
-                .await
-            {
-                Some(Ok(n)) if n > 0 => conn.handle_wrote(n, Instant::now()),
-                Some(_) => conn.handle_error(),
-                None => conn.handle_timeout(Instant::now()),
-            },
-            Action::Shutdown => {
-                let _ = stream.get_ref().shutdown(Shutdown::Write);
-                conn.handle_shutdown(Instant::now());
-            }
-            Action::Metrics => {
-                let text = server.hub().metrics_page(server.connections.count());
-                conn.handle_metrics(&text, Instant::now());
-            }
-            Action::Pipe => {
-                let Some(request) = conn.take_pipe_request() else {
+        let refused = {
+            let mut hub = server.hub();
+            let make = |name: &str, n, id| spawn_pipe(server.clone(), name, n, id);
+            match hub.admit(&request, make) {
+                Ok(admitted) => {
+                    // Sent under the lock, so the pipe sees parties in admission order.
+                    let arrival = Box::new((party, request, open));
+                    let _ = admitted.handle.try_send(Msg::Arrival(arrival));
                     return;
-                };
-                let refused = {
-                    let mut hub = server.hub();
-                    let make = |name: &str, n, id| spawn_pipe(server.clone(), name, n, id);
-                    match hub.admit(&request, make) {
-                        Ok(admitted) => {
-                            // Sent under the lock, so the pipe sees parties in admission order.
-                            let role = request.role();
-                            let arrival = Arrival {
-                                stream,
-                                request,
-                                role,
-                                _open: open,
-                            };
-                            let _ = admitted.handle.try_send(Msg::Arrival(Box::new(arrival)));
-                            return;
-                        }
-                        Err(why) => why,
-                    }
-                };
-                conn.handle_refused(&refused, Instant::now());
+                }
+                Err(why) => why,
             }
-            Action::Close => return,
-        }
+        };
+        conn.handle_refused(&refused, Instant::now());
     }
 }
 
 fn spawn_pipe(server: Arc<Server>, name: &str, n: usize, id: PipeId) -> Handle {
     let (tx, rx) = async_channel::unbounded();
-    let name = name.to_owned();
+    let mut rx = Box::pin(rx);
+    let mut task = PipeTask::new(name, n, id, &server.config, Wake(Timer::never()));
     let executor = server.executor.clone();
     executor
         .spawn(async move {
-            let mut task = PipeTask {
-                pipe: Pipe::new(&name, n, &server.config),
-                sockets: Vec::new(),
-                arrivals: Box::pin(rx),
-                timer: Timer::never(),
-                gone: false,
-                server,
-                name,
-                id,
-            };
-            poll_fn(|cx| task.drive(cx)).await;
+            poll_fn(|cx| {
+                task.drive(
+                    cx,
+                    |cx| rx.as_mut().poll_next(cx),
+                    |name, id, event| server.hub().handle_event(name, id, event),
+                )
+            })
+            .await;
         })
         .detach();
     tx
 }
 
-/// The task that owns one pipe and all of its sockets.
-struct PipeTask {
-    pipe: Pipe,
-    sockets: Vec<Option<(Async<TcpStream>, OpenConn)>>,
-    arrivals: Pin<Box<async_channel::Receiver<Msg>>>,
-    timer: Timer,
-    /// The registry no longer routes anyone here.
-    gone: bool,
-    server: Arc<Server>,
-    name: String,
-    id: PipeId,
-}
+/// A party's socket, for the pipe's task.
+struct Party(Async<TcpStream>);
 
-impl PipeTask {
-    /// Does all the I/O the core asks for until none can proceed; done once the pipe is
-    /// out of the registry and every socket is closed.
-    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            let now = Instant::now();
-            let mut moved = false;
-            while let Poll::Ready(Some(msg)) = self.arrivals.as_mut().poll_next(cx) {
-                match msg {
-                    Msg::Arrival(a) => {
-                        self.pipe.join(a.request, a.role, now);
-                        self.sockets.push(Some((a.stream, a._open)));
-                    }
-                    Msg::Phase(phase) => self.pipe.handle_phase(phase, now),
-                }
-                moved = true;
-            }
-            for p in 0..self.sockets.len() {
-                moved |= self.party_io(cx, p, now);
-            }
-            while let Some(event) = self.pipe.poll_event() {
-                moved = true;
-                let name = &self.name;
-                self.gone |= self.server.hub().handle_event(name, self.id, event);
-            }
-            if let Some(due) = self.pipe.poll_timeout() {
-                if due <= now {
-                    self.pipe.handle_timeout(now);
-                    moved = true;
-                } else {
-                    self.timer.set_at(due);
-                    if Pin::new(&mut self.timer).poll(cx).is_ready() {
-                        moved = true;
-                    }
-                }
-            }
-            if self.gone && self.pipe.is_idle() {
-                return Poll::Ready(());
-            }
-            if !moved {
-                return Poll::Pending;
-            }
-        }
+impl Socket for Party {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 
-    /// One party's socket: close, shut down, write and read as the core says.
-    fn party_io(&mut self, cx: &mut Context<'_>, p: usize, now: Instant) -> bool {
-        let Some((sock, _)) = self.sockets[p].as_mut() else {
-            return false;
-        };
-        if self.pipe.is_closed(p) {
-            self.sockets[p] = None;
-            return true;
-        }
-        let mut moved = false;
-        if self.pipe.take_shutdown(p) {
-            let _ = sock.get_ref().shutdown(Shutdown::Write);
-            moved = true;
-        }
-        let slices = self.pipe.write_slices(p);
-        if slices.total() > 0 {
-            let bufs: &[IoSlice<'_>] = &slices;
-            match Pin::new(&mut *sock).poll_write_vectored(cx, bufs) {
-                Poll::Ready(Ok(n)) if n > 0 => {
-                    self.pipe.handle_wrote(p, n, now);
-                    moved = true;
-                }
-                Poll::Ready(_) => {
-                    self.pipe.handle_error(p, now);
-                    return true;
-                }
-                Poll::Pending => {}
-            }
-        }
-        for _ in 0..READS_PER_TURN {
-            let Some(buf) = self.pipe.read_buf(p) else {
-                break;
-            };
-            match Pin::new(&mut *sock).poll_read(cx, buf) {
-                Poll::Ready(Ok(n)) => {
-                    self.pipe.handle_read(p, n, now);
-                    moved = true;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                Poll::Ready(Err(_)) => {
-                    self.pipe.handle_error(p, now);
-                    return true;
-                }
-                Poll::Pending => break,
-            }
-        }
-        moved
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn shutdown_write(&mut self, _: &mut Context<'_>) {
+        let _ = self.0.get_ref().shutdown(Shutdown::Write);
+    }
+}
+
+/// The pipe task's timer.
+struct Wake(Timer);
+
+impl fanpipe_driver::Timer for Wake {
+    fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
+        self.0.set_at(at);
+        Pin::new(&mut self.0).poll(cx).map(|_| ())
     }
 }
