@@ -10,8 +10,8 @@
 
 use std::cell::Cell;
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -128,17 +128,23 @@ fn build(backend: Backend) -> Result<PathBuf, String> {
     Ok(target.join(profile).join("fanpipe"))
 }
 
-/// Starts the backend's binary once: `None` if it listens, else the line it exited with.
-fn probe(backend: Backend) -> Option<String> {
-    let bin = backend.binary();
-    let mut child = Command::new(&bin)
-        .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+/// Starts `bin` on a free port of 127.0.0.1 with `extra` flags, its stderr piped.
+pub fn spawn_server(bin: &Path, extra: &[&str]) -> Child {
+    Command::new(bin)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()))
+}
+
+/// Starts the backend's binary once: `None` if it listens, else the line it exited with.
+fn probe(backend: Backend) -> Option<String> {
+    let bin = backend.binary();
+    let mut child = spawn_server(&bin, &["--threads", "1"]);
     let stderr = child.stderr.take().expect("probe stderr");
     let lines = std::thread::spawn(move || {
         use std::io::BufRead;

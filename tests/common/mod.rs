@@ -12,7 +12,7 @@
 
 mod backend;
 
-pub use backend::{current, run_on, Backend};
+pub use backend::{current, run_on, spawn_server, Backend};
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -60,15 +60,7 @@ impl Server {
     /// `listening on http://ADDR` line on stderr.
     pub fn start(extra: &[&str]) -> Server {
         let bin = server_binary();
-        let mut child = Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut child = spawn_server(&bin, extra);
         let stderr = child.stderr.take().expect("server stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = mpsc::channel();
