@@ -18,18 +18,18 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::{Conn, PipeRequest};
-use fanpipe_core::hub::{Hub, Phase};
-use fanpipe_core::metrics::{Connections, OpenConn};
+use fanpipe_core::hub::Hub;
+use fanpipe_core::metrics::OpenConn;
 use fanpipe_core::registry::{shard_of, PipeId};
 use fanpipe_core::request::Route;
 use fanpipe_core::Config;
-use fanpipe_driver::{poll_conn, Msg, PipeTask, Socket};
+use fanpipe_driver::{Msg, PipeTask, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
@@ -72,9 +72,7 @@ pub fn run(
     let listeners = bind(addr, threads)?;
     on_bound(listeners[0].local_addr()?);
     let shared = Arc::new(Shared {
-        hub: Mutex::new(Hub::new(&config)),
-        config,
-        connections: Connections::default(),
+        state: ServerState::new(config),
         stop,
         grace,
         threads,
@@ -147,20 +145,20 @@ fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListene
     Ok(listeners)
 }
 
-/// What every core shares.
+/// What every core shares. The registry's handle to a pipe is nothing: each core finds
+/// its own pipes' tasks in its `Core::pipes`.
 struct Shared {
-    config: Config,
-    hub: Mutex<Hub<()>>,
-    connections: Connections,
+    state: ServerState<()>,
     stop: Arc<AtomicBool>,
     grace: Duration,
     threads: usize,
 }
 
-impl Shared {
-    fn hub(&self) -> MutexGuard<'_, Hub<()>> {
-        // A panic elsewhere must not take the registry down with it.
-        self.hub.lock().unwrap_or_else(|e| e.into_inner())
+impl std::ops::Deref for Shared {
+    type Target = ServerState<()>;
+
+    fn deref(&self) -> &ServerState<()> {
+        &self.state
     }
 }
 
@@ -260,6 +258,9 @@ async fn shard(
     let accept = async {
         loop {
             match listener.accept().await {
+                // The stop is polled; a connection accepted after the signal, before this
+                // core saw it, is closed unanswered like the ones still queued.
+                Ok(_) if shared.stop.load(Ordering::Relaxed) => return None,
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     let peer = stream
@@ -283,21 +284,14 @@ async fn shard(
     };
     accept.or(stopped).await.unwrap_or(());
     drop(listener);
-    shared.hub().begin_shutdown(shared.grace, Instant::now());
-    let mut told = Phase::Running;
-    loop {
-        let step = shared.hub().poll_shutdown(Instant::now());
-        if step.phase > told {
-            told = step.phase;
-            for inbox in core.pipes.borrow().values() {
-                inbox.send(Msg::Phase(told));
-            }
+    let tell = |_: &Hub<()>, phase| {
+        for inbox in core.pipes.borrow().values() {
+            inbox.send(Msg::Phase(phase));
         }
-        sleep(step.next.saturating_duration_since(Instant::now())).await;
-        if step.phase == Phase::Done {
-            return Ok(());
-        }
-    }
+    };
+    let wait = |at: Instant| sleep(at.saturating_duration_since(Instant::now()));
+    shared.shut_down(shared.grace, tell, wait).await;
+    Ok(())
 }
 
 /// The descriptor of a glommio socket, borrowed for as long as the socket is.
@@ -324,16 +318,7 @@ async fn connection(
         let request = match pending.take() {
             Some(request) => request,
             None => {
-                let polled = poll_fn(|cx| {
-                    poll_conn(
-                        cx,
-                        &mut conn,
-                        &mut party,
-                        &mut timer,
-                        |why| shared.hub().refused(peer, why),
-                        || shared.hub().metrics_page(shared.connections.count()),
-                    )
-                });
+                let polled = shared.next_request(&mut conn, &mut party, &mut timer, peer);
                 let Some(request) = polled.await else {
                     return;
                 };

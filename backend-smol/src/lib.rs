@@ -9,7 +9,7 @@ use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,11 +17,11 @@ use async_executor::Executor;
 use async_io::{Async, Timer};
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::Conn;
-use fanpipe_core::hub::{Hub, Phase};
-use fanpipe_core::metrics::{Connections, OpenConn};
+use fanpipe_core::hub::Hub;
+use fanpipe_core::metrics::OpenConn;
 use fanpipe_core::registry::PipeId;
 use fanpipe_core::{Config, Reject};
-use fanpipe_driver::{poll_conn, Msg, PipeTask, Socket};
+use fanpipe_driver::{Msg, PipeTask, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt, Stream};
 
 /// The name of this backend, for `--version`.
@@ -30,16 +30,15 @@ pub const BACKEND: &str = "smol";
 type Handle = async_channel::Sender<Msg<Party>>;
 
 struct Server {
-    config: Config,
-    hub: Mutex<Hub<Handle>>,
-    connections: Connections,
+    state: ServerState<Handle>,
     executor: Arc<Executor<'static>>,
 }
 
-impl Server {
-    fn hub(&self) -> MutexGuard<'_, Hub<Handle>> {
-        // A panic elsewhere must not take the registry down with it.
-        self.hub.lock().unwrap_or_else(|e| e.into_inner())
+impl std::ops::Deref for Server {
+    type Target = ServerState<Handle>;
+
+    fn deref(&self) -> &ServerState<Handle> {
+        &self.state
     }
 }
 
@@ -54,9 +53,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let server = Arc::new(Server {
-        hub: Mutex::new(Hub::new(&config)),
-        config,
-        connections: Connections::default(),
+        state: ServerState::new(config),
         executor,
     });
     let accept = async {
@@ -78,21 +75,13 @@ pub async fn serve(
     };
     accept.or(shutdown).await;
     drop(listener);
-    server.hub().begin_shutdown(grace, Instant::now());
-    let mut told = Phase::Running;
-    loop {
-        let step = server.hub().poll_shutdown(Instant::now());
-        if step.phase > told {
-            told = step.phase;
-            for handle in server.hub().handles() {
-                let _ = handle.try_send(Msg::Phase(told));
-            }
+    let tell = |hub: &Hub<Handle>, phase| {
+        for handle in hub.handles() {
+            let _ = handle.try_send(Msg::Phase(phase));
         }
-        Timer::at(step.next).await;
-        if step.phase == Phase::Done {
-            return Ok(());
-        }
-    }
+    };
+    server.shut_down(grace, tell, Timer::at).await;
+    Ok(())
 }
 
 /// Binds `addr` and serves until SIGINT or SIGTERM, on `threads` threads.
@@ -157,16 +146,7 @@ async fn connection(
     let mut party = Party(stream);
     let mut timer = Wake(Timer::never());
     loop {
-        let polled = poll_fn(|cx| {
-            poll_conn(
-                cx,
-                &mut conn,
-                &mut party,
-                &mut timer,
-                |why| server.hub().refused(peer, why),
-                || server.hub().metrics_page(server.connections.count()),
-            )
-        });
+        let polled = server.next_request(&mut conn, &mut party, &mut timer, peer);
         let Some(request) = polled.await else {
             return;
         };

@@ -9,17 +9,17 @@ use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::conn::Conn;
-use fanpipe_core::hub::{Hub, Phase};
-use fanpipe_core::metrics::{Connections, OpenConn};
+use fanpipe_core::hub::Hub;
+use fanpipe_core::metrics::OpenConn;
 use fanpipe_core::registry::PipeId;
 use fanpipe_core::{Config, Reject};
-use fanpipe_driver::{poll_conn, Msg, PipeTask, Socket, Timer};
+use fanpipe_driver::{Msg, PipeTask, ServerState, Socket, Timer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -30,18 +30,7 @@ pub const BACKEND: &str = "tokio";
 
 type Handle = mpsc::UnboundedSender<Msg<Party>>;
 
-struct Server {
-    config: Config,
-    hub: Mutex<Hub<Handle>>,
-    connections: Connections,
-}
-
-impl Server {
-    fn hub(&self) -> MutexGuard<'_, Hub<Handle>> {
-        // A panic elsewhere must not take the registry down with it.
-        self.hub.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type Server = ServerState<Handle>;
 
 /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
 /// connections, waiting parties let go, running transfers given `grace` to finish.
@@ -51,11 +40,7 @@ pub async fn serve(
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let server = Arc::new(Server {
-        hub: Mutex::new(Hub::new(&config)),
-        config,
-        connections: Connections::default(),
-    });
+    let server = Arc::new(Server::new(config));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -75,21 +60,15 @@ pub async fn serve(
         }
     }
     drop(listener);
-    server.hub().begin_shutdown(grace, Instant::now());
-    let mut told = Phase::Running;
-    loop {
-        let step = server.hub().poll_shutdown(Instant::now());
-        if step.phase > told {
-            told = step.phase;
-            for handle in server.hub().handles() {
-                let _ = handle.send(Msg::Phase(told));
-            }
+    let tell = |hub: &Hub<Handle>, phase| {
+        for handle in hub.handles() {
+            let _ = handle.send(Msg::Phase(phase));
         }
-        sleep_until(step.next.into()).await;
-        if step.phase == Phase::Done {
-            return Ok(());
-        }
-    }
+    };
+    server
+        .shut_down(grace, tell, |at| sleep_until(at.into()))
+        .await;
+    Ok(())
 }
 
 /// Binds `addr` and serves until SIGINT or SIGTERM, on `threads` worker threads.
@@ -146,16 +125,7 @@ async fn connection(
     let mut party = Party(stream);
     let mut timer = Wake(Box::pin(sleep_until(tokio::time::Instant::now())));
     loop {
-        let polled = poll_fn(|cx| {
-            poll_conn(
-                cx,
-                &mut conn,
-                &mut party,
-                &mut timer,
-                |why| server.hub().refused(peer, why),
-                || server.hub().metrics_page(server.connections.count()),
-            )
-        });
+        let polled = server.next_request(&mut conn, &mut party, &mut timer, peer);
         let Some(request) = polled.await else {
             return;
         };

@@ -7,13 +7,16 @@
 //! accept, read, write, wait and spawn.
 #![forbid(unsafe_code)]
 
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
-use fanpipe_core::hub::Phase;
-use fanpipe_core::metrics::OpenConn;
+use fanpipe_core::hub::{Hub, Phase};
+use fanpipe_core::metrics::{Connections, OpenConn};
 use fanpipe_core::pipe::{Event, Pipe, READS_PER_TURN};
 use fanpipe_core::registry::PipeId;
 use fanpipe_core::{Config, Reject};
@@ -35,6 +38,75 @@ pub trait Socket {
 pub trait Timer {
     /// Ready once `at` has passed; otherwise wakes the task then.
     fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()>;
+}
+
+/// What all of a server's tasks share: its configuration, the hub behind one lock (`H`
+/// is the backend's handle to a pipe's task), and the count of open connections.
+pub struct ServerState<H> {
+    pub config: Config,
+    pub connections: Connections,
+    hub: Mutex<Hub<H>>,
+}
+
+impl<H> ServerState<H> {
+    pub fn new(config: Config) -> Self {
+        ServerState {
+            hub: Mutex::new(Hub::new(&config)),
+            connections: Connections::default(),
+            config,
+        }
+    }
+
+    /// The hub, locked; held only to admit, report or step a shutdown.
+    pub fn hub(&self) -> MutexGuard<'_, Hub<H>> {
+        // A panic elsewhere must not take the registry down with it.
+        self.hub.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drives a connection (see [`poll_conn`]) until it is closed (`None`) or holds a
+    /// pipe request, logging its refusals and serving `/metrics` from the hub.
+    pub async fn next_request<S: Socket, T: Timer>(
+        &self,
+        conn: &mut Conn,
+        sock: &mut S,
+        timer: &mut T,
+        peer: SocketAddr,
+    ) -> Option<PipeRequest> {
+        poll_fn(|cx| {
+            poll_conn(
+                cx,
+                conn,
+                sock,
+                timer,
+                |why| self.hub().refused(peer, why),
+                || self.hub().metrics_page(self.connections.count()),
+            )
+        })
+        .await
+    }
+
+    /// A graceful shutdown, stepped until done: `tell` is called once per phase to pass
+    /// it to every pipe's task, and `sleep_until` is the runtime's timer.
+    pub async fn shut_down<F: Future>(
+        &self,
+        grace: Duration,
+        mut tell: impl FnMut(&Hub<H>, Phase),
+        sleep_until: impl Fn(Instant) -> F,
+    ) {
+        self.hub().begin_shutdown(grace, Instant::now());
+        let mut told = Phase::Running;
+        loop {
+            let step = self.hub().poll_shutdown(Instant::now());
+            if step.phase > told {
+                told = step.phase;
+                tell(&self.hub(), told);
+            }
+            sleep_until(step.next).await;
+            if step.phase == Phase::Done {
+                return;
+            }
+        }
+    }
 }
 
 /// What a pipe's task is told.
