@@ -214,12 +214,6 @@ fn idle_timeout_aborts_a_transfer_whose_sender_stalls() {
 // ---------------------------------------------------------------------------------------
 
 /// A raw request the server has admitted and holds (no answer within `wait`).
-fn assert_waiting(raw: &mut Raw, what: &str) {
-    if let Some(head) = raw.head_within(Duration::from_millis(700)) {
-        panic!("{what} should be waiting, got {}", head.status);
-    }
-}
-
 /// Panics unless `tail` is a `503` with a text body, then a close.
 fn assert_503_text(tail: &Tail, what: &str) {
     tail.expect_status_and_close(503)

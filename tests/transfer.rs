@@ -378,6 +378,9 @@ fn waiting_receiver_that_disconnects_frees_its_place() {
     // probes the socket, so its place may be freed a moment later.
     drop(leaver);
     let mut stayer = Raw::open(&server, &raw_head("GET", &path, &[]));
+    // Admitted before the joiner asks: two requests in flight at once may be admitted in
+    // either order, and the stayer must not be the one told the pipe is full.
+    assert_waiting(&mut stayer, "the stayer");
     let mut joiner = attach_when_a_place_is_free(&server, &path);
     let bytes = payload(500_000, 40);
     let dir = TempDir::new("leaver");

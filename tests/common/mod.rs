@@ -281,6 +281,14 @@ pub fn settle() {
     thread::sleep(Duration::from_millis(500));
 }
 
+/// Panics unless the raw client `raw` is still waiting for an answer (no head in 0.7 s):
+/// the server admitted it to its pipe. Also orders it before the next client's request.
+pub fn assert_waiting(raw: &mut Raw, what: &str) {
+    if let Some(head) = raw.head_within(Duration::from_millis(700)) {
+        panic!("{what} should be waiting, got {}", head.status);
+    }
+}
+
 /// Runs `check` on every case in its own thread and fails once with every failed case.
 pub fn check_all<T: Send + 'static>(cases: Vec<(String, T)>, check: fn(T) -> Result<(), String>) {
     let handles: Vec<_> = cases
