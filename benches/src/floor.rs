@@ -181,12 +181,7 @@ fn fan_out(sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
         // The sender, into the free part of the window (up to the wrap), until its socket
         // is empty or the window full: each receiver write then carries all there is.
         while let Some(s) = sender.as_mut().filter(|_| !eof) {
-            let tail = live
-                .iter()
-                .flatten()
-                .map(|(_, at)| *at)
-                .min()
-                .unwrap_or(head);
+            let tail = slowest(&live, head);
             let free = cap - (head - tail) as usize;
             let at = (head % cap as u64) as usize;
             let room = free.min(cap - at);
@@ -242,15 +237,19 @@ fn fan_out(sender: TcpStream, receivers: Vec<TcpStream>, block: usize) {
     }
 }
 
-/// Sleeps in `poll(2)` until the sender has bytes (if there is room for them) or a
-/// receiver that is behind can take more.
-fn wait(sender: Option<&TcpStream>, live: &[Option<(TcpStream, u64)>], head: u64, cap: usize) {
-    let tail = live
-        .iter()
+/// The position of the slowest live receiver; `head` once none is left.
+fn slowest(live: &[Option<(TcpStream, u64)>], head: u64) -> u64 {
+    live.iter()
         .flatten()
         .map(|(_, at)| *at)
         .min()
-        .unwrap_or(head);
+        .unwrap_or(head)
+}
+
+/// Sleeps in `poll(2)` until the sender has bytes (if there is room for them) or a
+/// receiver that is behind can take more.
+fn wait(sender: Option<&TcpStream>, live: &[Option<(TcpStream, u64)>], head: u64, cap: usize) {
+    let tail = slowest(live, head);
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(live.len() + 1);
     if let Some(s) = sender.filter(|_| ((head - tail) as usize) < cap) {
         fds.push(libc::pollfd {
