@@ -166,7 +166,9 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
                         self.pipe.join(request, role, now);
                         self.sockets.push(Some((socket, open)));
                     }
-                    Msg::Phase(phase) => self.pipe.handle_phase(phase, now),
+                    Msg::Phase(Phase::Draining) => self.pipe.handle_shutdown(now),
+                    Msg::Phase(Phase::Aborting | Phase::Done) => self.pipe.handle_abort(now),
+                    Msg::Phase(Phase::Running) => {}
                 }
                 moved = true;
             }

@@ -1,0 +1,704 @@
+//! One transfer: a sender, its `n` receivers, and the bounded buffer between them.
+//!
+//! The pipe owns every decision from the first party's arrival to the last close: who is
+//! waiting, when the transfer starts, which bytes each socket gets next, who is lost, and
+//! what the sender is told. A backend asks each party's [`Pipe::read_buf`] and
+//! [`Pipe::write_slices`], reports what happened, and drops a socket once
+//! [`Pipe::is_closed`] says so.
+//!
+//! Every change of a party's [`State`] is made in this file; `ingest.rs` decodes the
+//! sender's body into the ring and `egress.rs` frames what each receiver gets.
+
+mod egress;
+mod ingest;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::broadcast::{Broadcast, INITIAL_CAPACITY};
+use crate::chunked::{chunk_header, BodyDecoder, BodyError, LAST_CHUNK};
+use crate::config::{Config, MIN_BUFFER_SIZE};
+use crate::conn::PipeRequest;
+use crate::error::Reject;
+use crate::request::{Framing, Request, Role};
+use crate::response;
+
+pub use egress::Slices;
+
+/// A party's index in its pipe.
+pub type PartyId = usize;
+
+/// What the pipe tells its backend besides bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A waiting party left: release its place in the registry.
+    Left(Role),
+    /// The transfer started: the name is busy.
+    Started,
+    /// The transfer ended: the name is free; log the summary.
+    Finished(Summary),
+}
+
+/// How a transfer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every receiver got every byte.
+    Complete,
+    /// The body was read whole, but some receivers did not get all of it.
+    ReceiversLost,
+    /// The sender went away before the end of its body.
+    SenderGone,
+    /// The sender's chunked body was malformed.
+    Malformed(BodyError),
+    /// No byte moved for the idle timeout, and the sender was the one not sending.
+    Stalled,
+    /// The server shut down before the transfer ended.
+    Shutdown,
+}
+
+/// One line per transfer for the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub name: String,
+    pub n: usize,
+    pub bytes: u64,
+    pub complete: usize,
+    pub seconds: f64,
+    pub outcome: Outcome,
+}
+
+/// How many times a backend reads one party's socket in a turn, while it has bytes and
+/// [`Pipe::read_buf`] offers room. The sender is read until its socket is empty or the
+/// ring is full before the receivers are written, so each of the `n` writes carries as
+/// much as there is (and a chunk's data goes out with its framing): fewer, larger
+/// writes. With 64 KiB chunks at n=30 this took the server's CPU from 8.3 s to 4.8 s per
+/// 800 MiB (BENCHMARKS.md). Bounded, so that a client that never stops sending cannot
+/// hold the pipe's task.
+pub const READS_PER_TURN: usize = 64;
+
+/// Where a party is in its life. Each state holds what only it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Admitted; waits for the transfer to start until `until`. `probe_at`: when to
+    /// write to it next to learn whether it is still there (a receiver that half-closed,
+    /// a sender's heartbeat).
+    Waiting {
+        until: Instant,
+        probe_at: Option<Instant>,
+    },
+    /// The sender during the transfer: its body is read.
+    Sending,
+    /// A receiver during the transfer.
+    Receiving(Feed),
+    /// Our last bytes go out, then (if `shutdown`) a shutdown of our side, then a linger
+    /// that reads and drops what the client still sends, all by `until`.
+    Closing { until: Instant, shutdown: bool },
+    /// The backend drops the socket.
+    Closed,
+}
+
+/// A receiver's place in the transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Feed {
+    /// Its cursor in the ring.
+    slot: usize,
+    /// Chunk framing, for a response without a length.
+    chunk: Option<Chunk>,
+}
+
+/// Where a chunked receiver stands in its current chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Chunk {
+    /// Data bytes of the current chunk not yet written.
+    data_left: u64,
+    /// Bytes of the CRLF that closes the current chunk not yet written.
+    crlf_left: usize,
+    /// The last chunk is queued in `out`.
+    last_queued: bool,
+}
+
+#[derive(Debug)]
+struct Party {
+    role: Role,
+    request: Request,
+    state: State,
+    /// Control bytes to write before any data: heads, progress lines, chunk framing.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// The client has ended its side of the connection.
+    eof: bool,
+}
+
+impl Party {
+    fn is_open(&self) -> bool {
+        self.state != State::Closed
+    }
+
+    fn is_waiting(&self) -> bool {
+        matches!(self.state, State::Waiting { .. })
+    }
+
+    fn flushed(&self) -> bool {
+        self.out_pos == self.out.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Waiting,
+    Running { started: Instant },
+    Ended,
+}
+
+/// One pipe, from its first party to its last close.
+#[derive(Debug)]
+pub struct Pipe {
+    name: String,
+    n: usize,
+    config: Config,
+    parties: Vec<Party>,
+    sender: Option<PartyId>,
+    stage: Stage,
+    /// The ring and the decoder of the sender's body, once the transfer started.
+    body: Option<ingest::Ingest>,
+    /// Receivers in the transfer, in start order.
+    receivers: Vec<PartyId>,
+    /// Receivers that got every byte.
+    complete: usize,
+    /// Where the reads of a party that only needs draining go.
+    scratch: Vec<u8>,
+    events: VecDeque<Event>,
+    /// When a byte last moved in the running transfer.
+    last_progress: Option<Instant>,
+    /// The sender's bytes read with its head, decoded once the transfer starts.
+    leftover: Vec<u8>,
+}
+
+impl Pipe {
+    pub fn new(name: &str, n: usize, config: &Config) -> Self {
+        Pipe {
+            name: name.to_owned(),
+            n,
+            config: config.clone(),
+            parties: Vec::new(),
+            sender: None,
+            stage: Stage::Waiting,
+            body: None,
+            receivers: Vec::new(),
+            complete: 0,
+            scratch: Vec::new(),
+            events: VecDeque::new(),
+            last_progress: None,
+            leftover: Vec::new(),
+        }
+    }
+
+    /// A party the registry admitted joins.
+    pub fn join(&mut self, pipe_request: PipeRequest, role: Role, now: Instant) -> PartyId {
+        let id = self.parties.len();
+        let PipeRequest { request, leftover } = pipe_request;
+        // A waiting sender is not read, so only a write finds out that it has gone.
+        let probe_at = (role == Role::Sender).then(|| now + self.config.heartbeat_interval);
+        let mut party = Party {
+            role,
+            request,
+            state: State::Waiting {
+                until: now + self.config.wait_timeout,
+                probe_at,
+            },
+            out: Vec::new(),
+            out_pos: 0,
+            eof: false,
+        };
+        match role {
+            Role::Sender => {
+                if party.request.expect_continue {
+                    party.out.extend_from_slice(response::CONTINUE);
+                }
+                response::sender_head(&mut party.out, party.request.minor == 1);
+                self.leftover = leftover;
+                self.sender = Some(id);
+                self.parties.push(party);
+                let here = self.waiting_receivers();
+                self.say(&format!(
+                    "[INFO] waiting for {} receiver(s), {here} here",
+                    self.n
+                ));
+            }
+            Role::Receiver => {
+                self.parties.push(party);
+                if self.sender.is_some() {
+                    let here = self.waiting_receivers();
+                    self.say(&format!("[INFO] receiver {here} of {} joined", self.n));
+                }
+            }
+        }
+        self.try_start(now);
+        id
+    }
+
+    /// How many parties have joined (ids are `0..parties()`).
+    pub fn parties(&self) -> usize {
+        self.parties.len()
+    }
+
+    /// Whether the backend should drop this party's socket (at once if it is still open).
+    pub fn is_closed(&self, p: PartyId) -> bool {
+        self.parties.get(p).is_none_or(|x| !x.is_open())
+    }
+
+    /// Whether the backend should shut down the write side of this party now.
+    pub fn take_shutdown(&mut self, p: PartyId) -> bool {
+        let Some(party) = self.parties.get_mut(p) else {
+            return false;
+        };
+        let flushed = party.flushed();
+        match &mut party.state {
+            State::Closing { shutdown, .. } if *shutdown && flushed => {
+                *shutdown = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether every party is closed: the owner of this pipe may end.
+    pub fn is_idle(&self) -> bool {
+        self.parties.iter().all(|p| !p.is_open())
+    }
+
+    /// Whether the transfer ran and ended.
+    pub fn is_ended(&self) -> bool {
+        self.stage == Stage::Ended
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next instant at which [`Pipe::handle_timeout`] has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let idle = match self.stage {
+            Stage::Running { .. } => self.last_progress.map(|t| t + self.config.idle_timeout),
+            _ => None,
+        };
+        self.parties
+            .iter()
+            .flat_map(|p| match p.state {
+                State::Waiting { until, probe_at } => [Some(until), probe_at],
+                State::Closing { until, .. } => [Some(until), None],
+                State::Sending | State::Receiving(_) | State::Closed => [None, None],
+            })
+            .flatten()
+            .chain(idle)
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for p in 0..self.parties.len() {
+            match self.parties[p].state {
+                State::Closing { until, .. } if until <= now => {
+                    self.parties[p].state = State::Closed;
+                }
+                State::Waiting { until, .. } if until <= now => {
+                    let secs = self.config.wait_timeout.as_secs();
+                    self.give_up_waiting(p, &Reject::WaitTimeout { secs }, now);
+                }
+                State::Waiting {
+                    until,
+                    probe_at: Some(at),
+                } if at <= now => self.probe(p, until, now),
+                _ => {}
+            }
+        }
+        if let (Stage::Running { .. }, Some(last)) = (self.stage, self.last_progress) {
+            if now >= last + self.config.idle_timeout {
+                self.stalled(now);
+            }
+        }
+    }
+
+    /// The server is shutting down: waiting parties are told and let go; a running
+    /// transfer goes on until [`Pipe::handle_abort`].
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        for p in 0..self.parties.len() {
+            if self.parties[p].is_waiting() {
+                self.give_up_waiting(p, &Reject::ShuttingDown, now);
+            }
+        }
+    }
+
+    /// The shutdown grace is over: a running transfer is cut by the failure rules.
+    pub fn handle_abort(&mut self, now: Instant) {
+        self.handle_shutdown(now);
+        if matches!(self.stage, Stage::Running { .. }) {
+            self.say("[ERROR] the server is shutting down");
+            self.fail(Outcome::Shutdown, now);
+        }
+    }
+
+    /// Where to read this party's socket into; `None`: do not read it now.
+    pub fn read_buf(&mut self, p: PartyId) -> Option<&mut [u8]> {
+        let party = self.parties.get(p)?;
+        let drain = match (party.role, party.state) {
+            (Role::Sender, State::Sending) => return self.sender_buf(),
+            // What a receiver or a closing party sends is read to see its end, and dropped.
+            (Role::Receiver, State::Waiting { .. } | State::Receiving(_))
+            | (_, State::Closing { .. }) => !party.eof,
+            _ => false,
+        };
+        if !drain {
+            return None;
+        }
+        self.scratch.resize(4096, 0);
+        Some(&mut self.scratch)
+    }
+
+    /// `n` bytes were read into [`Pipe::read_buf`]; 0 is the end of the client's stream.
+    pub fn handle_read(&mut self, p: PartyId, n: usize, now: Instant) {
+        let Some(party) = self.parties.get_mut(p) else {
+            return;
+        };
+        match (party.role, party.state) {
+            (Role::Sender, State::Sending) => self.sender_read(n, now),
+            (_, State::Closing { .. }) if n == 0 => party.state = State::Closed,
+            (Role::Receiver, State::Waiting { until, .. }) if n == 0 => {
+                party.eof = true;
+                if party.request.minor == 1 {
+                    // A half-close or a close? Only a write can tell: probe until it fails.
+                    self.probe(p, until, now);
+                } else {
+                    self.handle_error(p, now);
+                }
+            }
+            (Role::Receiver, _) if n == 0 => party.eof = true,
+            _ => {}
+        }
+    }
+
+    /// `n` bytes of [`Pipe::write_slices`] were written.
+    pub fn handle_wrote(&mut self, p: PartyId, n: usize, now: Instant) {
+        if n > 0 && self.stage != Stage::Waiting {
+            self.last_progress = Some(now);
+        }
+        self.advance(p, n);
+        self.after_progress(p, now);
+    }
+
+    /// This party's socket failed, or it is gone.
+    pub fn handle_error(&mut self, p: PartyId, now: Instant) {
+        let Some(party) = self.parties.get_mut(p) else {
+            return;
+        };
+        let was = std::mem::replace(&mut party.state, State::Closed);
+        match (party.role, was) {
+            (role, State::Waiting { .. }) => {
+                self.events.push_back(Event::Left(role));
+                if role == Role::Sender {
+                    self.sender = None;
+                } else if self.sender.is_some() {
+                    let here = self.waiting_receivers();
+                    self.say(&format!(
+                        "[INFO] a receiver left; {here} of {} here",
+                        self.n
+                    ));
+                }
+            }
+            (_, State::Receiving(feed)) => {
+                self.ring_leave(feed.slot, now);
+                self.check_end(now);
+            }
+            (_, State::Sending) => self.fail(Outcome::SenderGone, now),
+            (_, State::Closing { .. } | State::Closed) => {}
+        }
+    }
+
+    /// Writes to a waiting party: a receiver gets a probe, a sender a heartbeat line.
+    /// A write to a client that has gone fails, and that frees its place.
+    fn probe(&mut self, p: PartyId, until: Instant, now: Instant) {
+        let party = &mut self.parties[p];
+        match party.role {
+            Role::Receiver => {
+                party.out.extend_from_slice(response::PROBE);
+                party.state = State::Waiting {
+                    until,
+                    probe_at: Some(now + self.config.probe_interval),
+                };
+            }
+            Role::Sender => {
+                party.state = State::Waiting {
+                    until,
+                    probe_at: Some(now + self.config.heartbeat_interval),
+                };
+                let here = self.waiting_receivers();
+                self.say(&format!(
+                    "[INFO] still waiting: {here} of {} receivers here",
+                    self.n
+                ));
+            }
+        }
+    }
+
+    /// A waiting party is told why it waits no more, and leaves the pipe.
+    fn give_up_waiting(&mut self, p: PartyId, why: &Reject, now: Instant) {
+        let party = &mut self.parties[p];
+        let role = party.role;
+        if role == Role::Receiver {
+            response::reject(&mut party.out, why, false);
+        }
+        self.close_politely(p, now);
+        self.events.push_back(Event::Left(role));
+        if role == Role::Sender {
+            let here = self.waiting_receivers();
+            self.say(&format!(
+                "[ERROR] {why} ({here} of {} receivers came)",
+                self.n
+            ));
+            self.sender = None;
+        }
+    }
+
+    /// No byte moved for the idle timeout: receivers that hold the others back by not
+    /// reading are dropped; if none did, the sender is the one that stalled.
+    fn stalled(&mut self, now: Instant) {
+        let stuck: Vec<PartyId> = self
+            .receivers
+            .iter()
+            .copied()
+            .filter(|&p| match self.parties[p].state {
+                State::Receiving(feed) => {
+                    !self.parties[p].out.is_empty() || !self.caught_up(feed.slot)
+                }
+                _ => false,
+            })
+            .collect();
+        let secs = self.config.idle_timeout.as_secs();
+        if stuck.is_empty() {
+            self.say(&format!("[ERROR] the sender sent nothing for {secs} s"));
+            self.fail(Outcome::Stalled, now);
+            return;
+        }
+        self.say(&format!(
+            "[INFO] dropped {} receiver(s) that read nothing for {secs} s",
+            stuck.len()
+        ));
+        self.last_progress = Some(now);
+        for p in stuck {
+            self.handle_error(p, now);
+        }
+    }
+
+    fn waiting_receivers(&self) -> usize {
+        self.parties
+            .iter()
+            .filter(|p| p.role == Role::Receiver && p.is_waiting())
+            .count()
+    }
+
+    /// A progress line for the sender.
+    fn say(&mut self, line: &str) {
+        let Some(party) = self.sender.and_then(|s| self.parties.get_mut(s)) else {
+            return;
+        };
+        if !party.is_open() {
+            return;
+        }
+        let chunked = party.request.minor == 1;
+        if chunked {
+            chunk_header(line.len() + 1, &mut party.out);
+        }
+        party.out.extend_from_slice(line.as_bytes());
+        party.out.push(b'\n');
+        if chunked {
+            party.out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    fn try_start(&mut self, now: Instant) {
+        let Some(s) = self.sender else { return };
+        if self.stage != Stage::Waiting || self.waiting_receivers() != self.n {
+            return;
+        }
+        let framing = self.parties[s].request.framing;
+        let length = match framing {
+            Framing::Length(l) => Some(l),
+            Framing::Chunked => None,
+        };
+        let pass_on = self.parties[s].request.pass_on.clone();
+        let ids: Vec<PartyId> = (0..self.parties.len())
+            .filter(|&p| self.parties[p].role == Role::Receiver && self.parties[p].is_waiting())
+            .collect();
+        // A body of known length needs no more room than itself: a thousand small pipes
+        // must not each hold a whole buffer.
+        let most = self.config.buffer_size.max(MIN_BUFFER_SIZE);
+        let capacity = length.map_or(most, |l| {
+            usize::try_from(l).map_or(most, |l| l.clamp(MIN_BUFFER_SIZE, most))
+        });
+        let mut ring = Broadcast::growing(INITIAL_CAPACITY, capacity, ids.len());
+        for (slot, &p) in ids.iter().enumerate() {
+            let party = &mut self.parties[p];
+            if length.is_none() && party.request.minor == 0 {
+                response::reject(&mut party.out, &Reject::NeedsLength, false);
+                party.state = State::Closing {
+                    until: now + self.config.linger_timeout,
+                    shutdown: true,
+                };
+                ring.remove(slot);
+            } else {
+                response::receiver_head(&mut party.out, &pass_on, length);
+                let chunk = length.is_none().then(Chunk::default);
+                party.state = State::Receiving(Feed { slot, chunk });
+            }
+        }
+        self.receivers = ids;
+        let leftover = std::mem::take(&mut self.leftover);
+        self.body = Some(ingest::Ingest::new(
+            ring,
+            BodyDecoder::new(framing),
+            leftover,
+        ));
+        self.parties[s].state = State::Sending;
+        self.stage = Stage::Running { started: now };
+        self.last_progress = Some(now);
+        self.events.push_back(Event::Started);
+        self.say(&format!(
+            "[INFO] all {} receiver(s) joined, sending",
+            self.n
+        ));
+        self.pump(now);
+        self.check_end(now);
+    }
+
+    /// After a write: is this receiver done, is the transfer over?
+    fn after_progress(&mut self, p: PartyId, now: Instant) {
+        self.space_freed(now);
+        let body_done = self.body_done();
+        let Some(party) = self.parties.get(p) else {
+            return;
+        };
+        let flushed = party.out.is_empty();
+        match party.state {
+            State::Receiving(feed) => {
+                let framed = feed
+                    .chunk
+                    .is_none_or(|c| c.last_queued && c.data_left == 0 && c.crlf_left == 0);
+                if body_done && self.caught_up(feed.slot) && framed && flushed {
+                    self.complete += 1;
+                    self.close_politely(p, now);
+                    self.ring_leave(feed.slot, now);
+                    self.check_end(now);
+                }
+            }
+            State::Closing {
+                shutdown: true,
+                until: _,
+            } if flushed => {
+                // The last bytes are out: the linger starts now.
+                self.parties[p].state = State::Closing {
+                    until: now + self.config.linger_timeout,
+                    shutdown: true,
+                };
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes after the queued bytes are written (within the write timeout), then a
+    /// shutdown and a short linger so the client reads them before the close.
+    fn close_politely(&mut self, p: PartyId, now: Instant) {
+        if let Some(party) = self.parties.get_mut(p) {
+            let wait = if party.flushed() {
+                self.config.linger_timeout
+            } else {
+                self.config.write_timeout
+            };
+            party.state = State::Closing {
+                until: now + wait,
+                shutdown: true,
+            };
+        }
+    }
+
+    /// Ends the transfer once no receiver is still getting bytes.
+    fn check_end(&mut self, now: Instant) {
+        let Stage::Running { started } = self.stage else {
+            return;
+        };
+        let active = self
+            .receivers
+            .iter()
+            .any(|&p| matches!(self.parties[p].state, State::Receiving(_)));
+        if active {
+            return;
+        }
+        let outcome = if self.complete == self.n && self.body_done() {
+            Outcome::Complete
+        } else {
+            Outcome::ReceiversLost
+        };
+        self.end(outcome, started, self.complete, now);
+    }
+
+    /// The sender failed: every receiver is cut so its client sees an error.
+    fn fail(&mut self, outcome: Outcome, now: Instant) {
+        let Stage::Running { started } = self.stage else {
+            return;
+        };
+        for &p in &self.receivers {
+            let party = &mut self.parties[p];
+            if matches!(party.state, State::Receiving(_)) {
+                party.state = State::Closed;
+            }
+        }
+        if let Outcome::Malformed(e) = outcome {
+            self.say(&format!("[ERROR] malformed body: {e}"));
+        }
+        self.end(outcome, started, 0, now);
+    }
+
+    fn end(&mut self, outcome: Outcome, started: Instant, complete: usize, now: Instant) {
+        self.stage = Stage::Ended;
+        let seconds = now.saturating_duration_since(started).as_secs_f64();
+        let bytes = self.body.as_ref().map_or(0, |b| b.bytes);
+        let rate = if seconds > 0.0 {
+            bytes as f64 / seconds / 1e6
+        } else {
+            0.0
+        };
+        match outcome {
+            Outcome::Complete => self.say(&format!(
+                "[INFO] done: {bytes} bytes to {complete} of {} receivers in {seconds:.2}s ({rate:.1} MB/s)",
+                self.n
+            )),
+            Outcome::ReceiversLost
+            | Outcome::Malformed(_)
+            | Outcome::Stalled
+            | Outcome::Shutdown => self.say(&format!(
+                "[ERROR] {complete} of {} receivers got every byte",
+                self.n
+            )),
+            Outcome::SenderGone => {}
+        }
+        if let Some(s) = self.sender {
+            let party = &mut self.parties[s];
+            if outcome == Outcome::Complete && party.request.minor == 1 {
+                party.out.extend_from_slice(LAST_CHUNK);
+            }
+            if outcome == Outcome::SenderGone {
+                party.state = State::Closed;
+            } else {
+                self.close_politely(s, now);
+            }
+        }
+        self.events.push_back(Event::Finished(Summary {
+            name: self.name.clone(),
+            n: self.n,
+            bytes,
+            complete,
+            seconds,
+            outcome,
+        }));
+    }
+}
