@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fanpipe_core::config::MIN_BUFFER_SIZE;
+use fanpipe_core::request::Report;
 use fanpipe_core::Config;
 
 /// Picks the backend of `$feature` when it is the only backend feature on.
@@ -76,6 +77,17 @@ struct Args {
     /// pinned to each.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: Option<u64>,
+    /// Seconds between the lines a waiting sender is sent: they find a sender that has
+    /// gone, and keep a proxy in front from cutting a silent response (keep it below the
+    /// proxy's idle timeout).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat: u64,
+    /// When a sender's response head is written, unless the sender says (`?report=`):
+    /// `live`, at once, then one line per event; `end`, when the transfer is over, with
+    /// 200 only if every receiver got every byte (for proxies such as nginx that stop
+    /// forwarding a request body once the response has begun).
+    #[arg(long, default_value = "live", value_parser = ["live", "end"])]
+    sender_report: String,
     /// Seconds running transfers get to finish after SIGTERM or SIGINT before they are cut.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
     shutdown_grace: u64,
@@ -122,6 +134,12 @@ fn main() -> ExitCode {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_connections: args.max_connections as usize,
         max_pipes: args.max_pipes as usize,
+        heartbeat_interval: Duration::from_secs(args.heartbeat),
+        sender_report: if args.sender_report == "end" {
+            Report::End
+        } else {
+            Report::Live
+        },
         ..Config::default()
     };
     let grace = Duration::from_secs(args.shutdown_grace);

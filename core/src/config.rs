@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::request::Report;
+
 /// What the core needs to know of the operator's choices.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -26,7 +28,8 @@ pub struct Config {
     /// How often a waiting receiver that half-closed is probed to see if it is still there.
     pub probe_interval: Duration,
     /// How often a waiting sender is told it still waits: the write finds a sender that
-    /// has gone, and keeps proxies from timing out a silent response.
+    /// has gone, and keeps proxies from timing out a silent response (many cut a response
+    /// that is silent for 30 s or 60 s).
     pub heartbeat_interval: Duration,
     /// How long a party may wait for its pipe to fill.
     pub wait_timeout: Duration,
@@ -36,6 +39,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Most pipes (waiting or running); a party that would open one more gets `503`.
     pub max_pipes: usize,
+    /// When a sender that does not say (`report=`) gets its response head.
+    pub sender_report: Report,
 }
 
 impl Default for Config {
@@ -51,11 +56,12 @@ impl Default for Config {
             write_timeout: Duration::from_secs(60),
             linger_timeout: Duration::from_secs(2),
             probe_interval: Duration::from_secs(1),
-            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(20),
             wait_timeout: Duration::from_secs(3600),
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,
             max_pipes: 10_000,
+            sender_report: Report::Live,
         }
     }
 }

@@ -19,6 +19,8 @@ pub enum Reject {
     Expectation,
     /// The `n` query parameter is not a whole number in range.
     InvalidN { max: usize },
+    /// The `report` query parameter is neither `live` nor `end`.
+    InvalidReport,
     /// The pipe was opened with another `n`.
     NMismatch { expected: usize, asked: usize },
     /// A sender (PUT/POST) to a reserved path such as `/help`.
@@ -55,6 +57,7 @@ impl Reject {
         match self {
             Reject::Malformed(_)
             | Reject::InvalidN { .. }
+            | Reject::InvalidReport
             | Reject::NMismatch { .. }
             | Reject::Reserved(_)
             | Reject::NoName => 400,
@@ -84,6 +87,9 @@ impl fmt::Display for Reject {
             Reject::InvalidN { max } => {
                 write!(f, "n must be a whole number from 1 to {max} (the number of receivers)")
             }
+            Reject::InvalidReport => f.write_str(
+                "report must be live (progress lines at once) or end (one answer when the transfer is over)",
+            ),
             Reject::NMismatch { expected, asked } => {
                 write!(f, "this pipe expects n={expected}, you asked n={asked}")
             }

@@ -64,6 +64,17 @@ pub struct PassOn {
     pub x_piping: Vec<(String, String)>,
 }
 
+/// When a sender's response head is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Report {
+    /// At once, then one line per event: what a person or a CI log watches.
+    #[default]
+    Live,
+    /// Once the transfer is over, with a status that tells the outcome: for a proxy that
+    /// stops forwarding a request body once the response has begun (nginx).
+    End,
+}
+
 /// A request, understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -79,6 +90,8 @@ pub struct Request {
     pub cors_headers: Option<String>,
     /// The server's own base URL as the client reached it (for the usage page).
     pub base_url: String,
+    /// A sender's `report=live|end`; `None`: the server's default.
+    pub report: Option<Report>,
 }
 
 impl Request {
@@ -104,6 +117,23 @@ pub fn interpret(head: &Head, max_receivers: usize) -> Result<Request, Reject> {
 
     let (path, query) = split_target(&head.target)?;
     let route = route(&head.method, path, query, max_receivers)?;
+    let sender = matches!(
+        route,
+        Route::Pipe {
+            role: Role::Sender,
+            ..
+        }
+    );
+    if sender && head.value("content-range").is_some() {
+        // Receivers would take a piece of a file for the whole of it.
+        return Err(Reject::Malformed("a sender may not send Content-Range"));
+    }
+    let report = match param(query, "report") {
+        None => None,
+        Some("live") => Some(Report::Live),
+        Some("end") => Some(Report::End),
+        Some(_) => return Err(Reject::InvalidReport),
+    };
 
     let text = |name: &str| head.value(name).map(|v| v.trim().to_owned());
     let pass_on = PassOn {
@@ -131,6 +161,7 @@ pub fn interpret(head: &Head, max_receivers: usize) -> Result<Request, Reject> {
         pass_on,
         cors_headers: text("access-control-request-headers"),
         base_url: format!("{scheme}://{host}"),
+        report,
     })
 }
 
@@ -250,6 +281,15 @@ fn page(path: &str) -> Page {
         "/robots.txt" => Page::Robots,
         _ => Page::Usage,
     }
+}
+
+/// The value of the first `key` in the query string (`key` alone has the empty value).
+fn param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .find(|&(k, _)| k == key)
+        .map(|(_, v)| v)
 }
 
 /// `n` from the query string: absent is 1; anything but 1..=max is refused.
@@ -454,5 +494,30 @@ mod tests {
                 .unwrap()
                 .keep_alive
         );
+    }
+
+    #[test]
+    fn a_ranged_upload_is_refused_and_a_ranged_download_is_not_a_sender() {
+        let r = req("PUT /x HTTP/1.1\r\nHost: h\r\nContent-Range: bytes 0-9/100\r\nContent-Length: 10\r\n\r\n");
+        assert_eq!(
+            r,
+            Err(Reject::Malformed("a sender may not send Content-Range"))
+        );
+        assert_eq!(r.unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn report_is_live_or_end() {
+        let sender = |q: &str| req(&format!("PUT /x{q} HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert_eq!(sender("").unwrap().report, None);
+        assert_eq!(sender("?report=end&n=2").unwrap().report, Some(Report::End));
+        assert_eq!(
+            sender("?n=2&report=live").unwrap().report,
+            Some(Report::Live)
+        );
+        let bad = sender("?report=later").unwrap_err();
+        assert_eq!(bad, Reject::InvalidReport);
+        assert_eq!(bad.status(), 400);
+        assert!(bad.to_string().contains("live"));
     }
 }

@@ -25,6 +25,7 @@ pub fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         414 => "URI Too Long",
         417 => "Expectation Failed",
+        502 => "Bad Gateway",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
         503 => "Service Unavailable",
@@ -38,6 +39,12 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// An interim response that a live HTTP/1.1 client ignores and a closed socket resets on.
 pub const PROBE: &[u8] = b"HTTP/1.1 102 Processing\r\n\r\n";
+
+/// Written where a chunk-size line is due when a chunked response is cut: a line that is
+/// no chunk size (it starts with no hex digit, and has no `;` that lenient parsers read
+/// as an empty size, the last chunk). Every client then reports an error, even one that
+/// would take the end of the connection for the end of the response.
+pub const CUT: &[u8] = b"!transfer cut\r\n";
 
 /// A complete response with a short text body.
 pub fn text(
@@ -159,17 +166,24 @@ fn connection(keep_alive: bool) -> &'static str {
     }
 }
 
-/// The head of the sender's streamed progress response. HTTP/1.1 gets chunked, so a cut
-/// response shows as an error; HTTP/1.0 can only be closed.
-pub fn sender_head(out: &mut Vec<u8>, chunked: bool) {
+/// The head of the sender's progress response. HTTP/1.1 gets chunked, so a cut response
+/// shows as an error; HTTP/1.0 can only be closed. No `Connection: close`: some clients
+/// (Node's fetch) then take the end of the connection for the end of the response.
+pub fn sender_head(out: &mut Vec<u8>, status: u16, chunked: bool) {
     let _ = write!(
         out,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n{}{COMMON}Connection: close\r\n\r\n",
-        if chunked { "Transfer-Encoding: chunked\r\n" } else { "" }
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\n{}{COMMON}\r\n",
+        reason(status),
+        if chunked {
+            "Transfer-Encoding: chunked\r\n"
+        } else {
+            ""
+        }
     );
 }
 
-/// The head each receiver gets when the transfer starts.
+/// The head each receiver gets when the transfer starts (no `Connection: close`, as for
+/// the sender).
 pub fn receiver_head(out: &mut Vec<u8>, pass: &PassOn, length: Option<u64>) {
     let content_type = match pass.content_type.as_deref() {
         None | Some("") => "application/octet-stream".to_owned(),
@@ -196,7 +210,7 @@ pub fn receiver_head(out: &mut Vec<u8>, pass: &PassOn, length: Option<u64>) {
     }
     let _ = write!(
         out,
-        "Access-Control-Expose-Headers: {}\r\n{COMMON}Connection: close\r\n\r\n",
+        "Access-Control-Expose-Headers: {}\r\n{COMMON}\r\n",
         exposed.join(", ")
     );
 }

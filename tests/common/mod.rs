@@ -1148,7 +1148,12 @@ pub enum End {
     Reset,
     /// Nothing came within the read timeout: the connection is still open.
     TimedOut,
+    /// Where a chunk size was due came a line that is none: the server's mark of a cut.
+    BadChunk,
 }
+
+/// The line a server writes where a chunk size was due when it cuts a chunked response.
+pub const CUT: &[u8] = b"!transfer cut\r\n";
 
 /// Everything read from a raw connection until it ended.
 #[derive(Debug)]
@@ -1433,9 +1438,20 @@ impl Raw {
                     len += b.len() as u64;
                     sink(b);
                 };
-                let used = dechunker
-                    .feed(&self.buf, &mut counted)
-                    .unwrap_or_else(|why| panic!("server sent a bad chunked body: {why}"));
+                let used = match dechunker.feed(&self.buf, &mut counted) {
+                    Ok(used) => used,
+                    Err(why) => {
+                        assert!(
+                            self.buf.windows(CUT.len()).any(|w| w == CUT),
+                            "server sent a bad chunked body: {why}"
+                        );
+                        return BodyEnd {
+                            complete: false,
+                            len,
+                            end: Some(End::BadChunk),
+                        };
+                    }
+                };
                 self.buf.drain(..used);
                 if dechunker.is_done() {
                     return BodyEnd {

@@ -3,7 +3,7 @@
 
 use std::io::IoSlice;
 
-use super::{Chunk, Feed, PartyId, Pipe, State};
+use super::{Chunk, Feed, Hold, PartyId, Pipe, State};
 use crate::chunked::{chunk_header, LAST_CHUNK};
 
 const CRLF: &[u8] = b"\r\n";
@@ -61,7 +61,10 @@ impl Pipe {
         if !party.is_open() {
             return out;
         }
-        out.push(&party.out[party.out_pos..]);
+        let end = party
+            .hold
+            .map_or(party.out.len(), |h| h.upto().max(party.out_pos));
+        out.push(&party.out[party.out_pos..end]);
         let (State::Receiving(feed), Some(body)) = (&party.state, &self.body) else {
             return out;
         };
@@ -86,6 +89,9 @@ impl Pipe {
         party.out_pos += k;
         let mut n = n - k;
         if party.flushed() {
+            if let Some(Hold::Gap { upto, .. } | Hold::End { upto }) = &mut party.hold {
+                *upto = upto.saturating_sub(party.out.len());
+            }
             party.out.clear();
             party.out_pos = 0;
         }

@@ -15,14 +15,14 @@ mod ingest;
 mod tests;
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::broadcast::{Broadcast, INITIAL_CAPACITY};
 use crate::chunked::{chunk_header, BodyDecoder, BodyError, LAST_CHUNK};
 use crate::config::{Config, MIN_BUFFER_SIZE};
 use crate::conn::PipeRequest;
 use crate::error::Reject;
-use crate::request::{Framing, Request, Role};
+use crate::request::{Framing, Report, Request, Role};
 use crate::response;
 
 pub use egress::Slices;
@@ -58,6 +58,19 @@ pub enum Outcome {
     Shutdown,
 }
 
+impl Outcome {
+    /// The status of a sender's response held to the end (`report=end`).
+    fn sender_status(self) -> u16 {
+        match self {
+            Outcome::Complete => 200,
+            Outcome::Malformed(_) | Outcome::SenderGone => 400,
+            Outcome::Stalled => 408,
+            Outcome::ReceiversLost => 502,
+            Outcome::Shutdown => 503,
+        }
+    }
+}
+
 /// One line per transfer for the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
@@ -77,6 +90,11 @@ pub struct Summary {
 /// 800 MiB (BENCHMARKS.md). Bounded, so that a client that never stops sending cannot
 /// hold the pipe's task.
 pub const READS_PER_TURN: usize = 64;
+
+/// How long a sender's response head waits after its `100 Continue` is written. Both in
+/// one read make some proxies (HAProxy 2.6) end the response after its first line, so
+/// the sender's curl exits 0 with nothing sent.
+pub const CONTINUE_GAP: Duration = Duration::from_millis(50);
 
 /// Where a party is in its life. Each state holds what only it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +137,25 @@ struct Chunk {
     last_queued: bool,
 }
 
+/// Bytes of a sender's `out` past `upto` that may not be written yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The head waits until its `100 Continue` is written (then `until` is set) and
+    /// [`CONTINUE_GAP`] more.
+    Gap { upto: usize, until: Option<Instant> },
+    /// `report=end`: the head and every line wait for the end of the transfer, which
+    /// decides the status.
+    End { upto: usize },
+}
+
+impl Hold {
+    fn upto(self) -> usize {
+        match self {
+            Hold::Gap { upto, .. } | Hold::End { upto } => upto,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Party {
     role: Role,
@@ -129,6 +166,7 @@ struct Party {
     out_pos: usize,
     /// The client has ended its side of the connection.
     eof: bool,
+    hold: Option<Hold>,
 }
 
 impl Party {
@@ -211,13 +249,23 @@ impl Pipe {
             out: Vec::new(),
             out_pos: 0,
             eof: false,
+            hold: None,
         };
         match role {
             Role::Sender => {
                 if party.request.expect_continue {
                     party.out.extend_from_slice(response::CONTINUE);
                 }
-                response::sender_head(&mut party.out, party.request.minor == 1);
+                let upto = party.out.len();
+                match party.request.report.unwrap_or(self.config.sender_report) {
+                    Report::Live => {
+                        response::sender_head(&mut party.out, 200, party.request.minor == 1);
+                        if upto > 0 {
+                            party.hold = Some(Hold::Gap { upto, until: None });
+                        }
+                    }
+                    Report::End => party.hold = Some(Hold::End { upto }),
+                }
                 self.leftover = leftover;
                 self.sender = Some(id);
                 self.parties.push(party);
@@ -286,10 +334,18 @@ impl Pipe {
         };
         self.parties
             .iter()
-            .flat_map(|p| match p.state {
-                State::Waiting { until, probe_at } => [Some(until), probe_at],
-                State::Closing { until, .. } => [Some(until), None],
-                State::Sending | State::Receiving(_) | State::Closed => [None, None],
+            .filter(|p| p.is_open())
+            .flat_map(|p| {
+                let gap = match p.hold {
+                    Some(Hold::Gap { until, .. }) => until,
+                    _ => None,
+                };
+                let [a, b] = match p.state {
+                    State::Waiting { until, probe_at } => [Some(until), probe_at],
+                    State::Closing { until, .. } => [Some(until), None],
+                    State::Sending | State::Receiving(_) | State::Closed => [None, None],
+                };
+                [a, b, gap]
             })
             .flatten()
             .chain(idle)
@@ -298,7 +354,13 @@ impl Pipe {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         for p in 0..self.parties.len() {
-            match self.parties[p].state {
+            let party = &mut self.parties[p];
+            if let Some(Hold::Gap { until: Some(t), .. }) = party.hold {
+                if t <= now {
+                    party.hold = None;
+                }
+            }
+            match party.state {
                 State::Closing { until, .. } if until <= now => {
                     self.parties[p].state = State::Closed;
                 }
@@ -384,6 +446,16 @@ impl Pipe {
             self.last_progress = Some(now);
         }
         self.advance(p, n);
+        if let Some(party) = self.parties.get_mut(p) {
+            if let Some(Hold::Gap { upto, until: None }) = party.hold {
+                if party.out_pos >= upto {
+                    party.hold = Some(Hold::Gap {
+                        upto,
+                        until: Some(now + CONTINUE_GAP),
+                    });
+                }
+            }
+        }
         self.after_progress(p, now);
     }
 
@@ -448,7 +520,6 @@ impl Pipe {
         if role == Role::Receiver {
             response::reject(&mut party.out, why, false);
         }
-        self.close_politely(p, now);
         self.events.push_back(Event::Left(role));
         if role == Role::Sender {
             let here = self.waiting_receivers();
@@ -456,8 +527,10 @@ impl Pipe {
                 "[ERROR] {why} ({here} of {} receivers came)",
                 self.n
             ));
+            self.conclude(p, why.status(), false);
             self.sender = None;
         }
+        self.close_politely(p, now);
     }
 
     /// No byte moved for the idle timeout: receivers that hold the others back by not
@@ -476,7 +549,9 @@ impl Pipe {
             .collect();
         let secs = self.config.idle_timeout.as_secs();
         if stuck.is_empty() {
-            self.say(&format!("[ERROR] the sender sent nothing for {secs} s"));
+            self.say(&format!(
+                "[ERROR] the sender sent nothing for {secs} s (or a proxy in front stopped forwarding its body)"
+            ));
             self.fail(Outcome::Stalled, now);
             return;
         }
@@ -605,6 +680,24 @@ impl Pipe {
         }
     }
 
+    /// Ends the sender's response: its head now if it was held to the end (`status` tells
+    /// the outcome), then the last chunk if the transfer is `complete`, else a cut.
+    fn conclude(&mut self, s: PartyId, status: u16, complete: bool) {
+        let party = &mut self.parties[s];
+        let chunked = party.request.minor == 1;
+        if let Some(Hold::End { upto }) = party.hold {
+            let mut head = Vec::new();
+            response::sender_head(&mut head, status, chunked);
+            party.out.splice(upto..upto, head);
+            party.hold = None;
+        }
+        if chunked {
+            party
+                .out
+                .extend_from_slice(if complete { LAST_CHUNK } else { response::CUT });
+        }
+    }
+
     /// Closes after the queued bytes are written (within the write timeout), then a
     /// shutdown and a short linger so the client reads them before the close.
     fn close_politely(&mut self, p: PartyId, now: Instant) {
@@ -646,11 +739,24 @@ impl Pipe {
         let Stage::Running { started } = self.stage else {
             return;
         };
+        let linger = now + self.config.linger_timeout;
         for &p in &self.receivers {
             let party = &mut self.parties[p];
-            if matches!(party.state, State::Receiving(_)) {
-                party.state = State::Closed;
-            }
+            let State::Receiving(feed) = party.state else {
+                continue;
+            };
+            party.state = match feed.chunk {
+                // Between chunks, a line that is no chunk size makes the cut plain to
+                // every client; within a chunk or a length, the close short of it does.
+                Some(c) if c.data_left == 0 && c.crlf_left == 0 && !c.last_queued => {
+                    party.out.extend_from_slice(response::CUT);
+                    State::Closing {
+                        until: linger,
+                        shutdown: true,
+                    }
+                }
+                _ => State::Closed,
+            };
         }
         if let Outcome::Malformed(e) = outcome {
             self.say(&format!("[ERROR] malformed body: {e}"));
@@ -682,13 +788,10 @@ impl Pipe {
             Outcome::SenderGone => {}
         }
         if let Some(s) = self.sender {
-            let party = &mut self.parties[s];
-            if outcome == Outcome::Complete && party.request.minor == 1 {
-                party.out.extend_from_slice(LAST_CHUNK);
-            }
             if outcome == Outcome::SenderGone {
-                party.state = State::Closed;
+                self.parties[s].state = State::Closed;
             } else {
+                self.conclude(s, outcome.sender_status(), outcome == Outcome::Complete);
                 self.close_politely(s, now);
             }
         }

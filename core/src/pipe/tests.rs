@@ -283,7 +283,7 @@ fn a_receiver_that_stops_reading_is_dropped_at_the_idle_timeout() {
         "{out}"
     );
     assert!(
-        out.ends_with("[ERROR] 1 of 2 receivers got every byte\n\r\n"),
+        out.ends_with("[ERROR] 1 of 2 receivers got every byte\n\r\n!transfer cut\r\n"),
         "{out}"
     );
 }
@@ -326,7 +326,7 @@ fn shutdown_lets_waiting_parties_go_and_aborts_running_transfers_after_the_grace
     assert!(running.clients[r].closed);
     assert!(running
         .text(s)
-        .ends_with("[ERROR] 0 of 1 receivers got every byte\n\r\n"));
+        .ends_with("[ERROR] 0 of 1 receivers got every byte\n\r\n!transfer cut\r\n"));
     assert_eq!(running.summary().outcome, Outcome::Shutdown);
 }
 
@@ -382,7 +382,7 @@ fn a_lost_receiver_does_not_stop_the_others_and_the_sender_is_told() {
     assert_eq!(sim.body_of(rs[2]), data);
     let out = sim.text(s);
     assert!(
-        out.ends_with("[ERROR] 2 of 3 receivers got every byte\n\r\n"),
+        out.ends_with("[ERROR] 2 of 3 receivers got every byte\n\r\n!transfer cut\r\n"),
         "{out}"
     );
     assert_eq!(sim.summary().outcome, Outcome::ReceiversLost);
@@ -415,9 +415,16 @@ fn a_sender_gone_mid_body_cuts_every_receiver() {
         for r in rs {
             assert!(sim.clients[r].closed);
             let got = &sim.clients[r].got;
-            assert!(!got.ends_with(b"0\r\n\r\n"));
-            let body = sim.body_of(r);
-            assert!(body.len() < data.len() || body.is_empty());
+            let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            if chunked {
+                // Between chunks, the cut is a line no parser takes for a chunk size.
+                assert!(got.ends_with(response::CUT));
+                assert!(
+                    crate::chunked::tests::decode_all(Framing::Chunked, &got[at..], 7).is_err()
+                );
+            } else {
+                assert!(got.len() - at < data.len());
+            }
         }
         assert_eq!(sim.summary().outcome, Outcome::SenderGone);
     }
@@ -501,6 +508,12 @@ fn expect_continue_is_answered_before_the_progress_response() {
     let s =
         sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
     sim.run(&[]);
+    // On its own first: a proxy must not read it together with the head.
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    assert_eq!(sim.pipe.poll_timeout(), Some(sim.now + CONTINUE_GAP));
+    sim.now += CONTINUE_GAP;
+    sim.pipe.handle_timeout(sim.now);
+    sim.run(&[]);
     assert!(sim
         .text(s)
         .starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
@@ -515,4 +528,70 @@ fn the_registry_and_the_pipe_agree_on_places() {
     sim.pipe.handle_error(r, sim.now);
     assert_eq!(sim.pipe.poll_event(), Some(Event::Left(Role::Receiver)));
     assert!(reg.leave("x", id, Role::Receiver));
+}
+
+#[test]
+fn a_sender_asking_report_end_gets_its_head_only_when_the_transfer_is_over() {
+    let data = body(20_000);
+    let mut sim = Sim::new(2, 4096, 1000);
+    let head = format!(
+        "PUT /x?n=2&report=end HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    let s = sim.join([head.as_bytes(), &data].concat());
+    let r1 = sim.receiver(2);
+    sim.run(&[]);
+    assert_eq!(sim.text(s), "", "nothing before the end");
+    let r2 = sim.receiver(2);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r1), data);
+    assert_eq!(sim.body_of(r2), data);
+    let out = sim.text(s);
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(
+        out.contains("[INFO] waiting for 2 receiver(s), 0 here"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[INFO] done: 20000 bytes to 2 of 2 receivers"),
+        "{out}"
+    );
+    assert!(out.ends_with("0\r\n\r\n"), "{out}");
+}
+
+#[test]
+fn a_report_end_sender_whose_receiver_is_lost_gets_502_and_a_cut_response() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let r = sim.receiver(1);
+    let s = sim.join(
+        "PUT /x?report=end HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 50000\r\n\r\n",
+    );
+    sim.clients[s].input = body(50_000);
+    sim.run(&[r]);
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    sim.pipe.handle_error(r, sim.now);
+    sim.run(&[]);
+    let out = sim.text(s);
+    assert!(
+        out.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 502 Bad Gateway\r\n"),
+        "{out}"
+    );
+    assert!(out.ends_with("[ERROR] 0 of 1 receivers got every byte\n\r\n!transfer cut\r\n"));
+}
+
+#[test]
+fn the_server_default_report_applies_when_the_sender_does_not_say() {
+    let config = Config {
+        sender_report: Report::End,
+        ..Config::default()
+    };
+    let mut pipe = Pipe::new("x", 1, &config);
+    let (req, role) = request("PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n");
+    let s = pipe.join(req, role, Instant::now());
+    assert_eq!(pipe.write_slices(s).total(), 0);
+    let (req, role) =
+        request("PUT /y?report=live HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n");
+    let mut pipe = Pipe::new("y", 1, &config);
+    let s = pipe.join(req, role, Instant::now());
+    assert!(pipe.write_slices(s).total() > 0);
 }
