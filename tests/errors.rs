@@ -758,7 +758,30 @@ fn keep_alive_serves_two_requests_on_one_connection() {
     }
 }
 
+/// A ranged upload would hand receivers a piece of a file as if it were the whole; an
+/// unknown `report` is refused with what is allowed.
+fn ranged_upload_and_unknown_report_are_400() {
+    let server = Server::start(&[]);
+    let url = server.pipe_url(&pipe_name("ranged"), None);
+    request(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Range: bytes 0-3/100",
+        "--data-binary",
+        "data",
+        &url,
+    ])
+    .assert_status_and_text(400, "Content-Range", "a ranged upload");
+    send_small("PUT", &format!("{url}?report=later"), "data").assert_status_and_text(
+        400,
+        "report must be live",
+        "report=later",
+    );
+}
+
 conformance! {
+    ranged_upload_and_unknown_report_are_400,
     invalid_n_is_400_with_the_allowed_range,
     max_receivers_flag_bounds_n,
     mismatched_receiver_is_400_and_the_pipe_goes_on,

@@ -263,6 +263,59 @@ fn stalled_receiver_holds_back_the_sender_and_memory_stays_bounded() {
     assert_memory_bounded(&server, "after 200 MiB");
 }
 
+/// `report=end` and a receiver lost: the held response comes with 502, so `curl -fsS`
+/// fails (22), and plain curl fails too, since the response is cut (56).
+fn report_end_sender_gets_502_when_a_receiver_is_lost() {
+    for flags in [&["-fsS"][..], &["-sS"][..]] {
+        let server = Server::start(&[]);
+        let dir = TempDir::new("report-end-lost");
+        let url = format!(
+            "{}?report=end",
+            server.url(&format!("/{}", pipe_name("report-end-lost")))
+        );
+        let mut receiver = Receiver::spawn(&url, &dir, "receiver", &["--limit-rate", "200K"]);
+        let mut sender = Sender::spawn(&url, Upload::Stdin, &dir, flags);
+        let generator = generate_into(sender.take_stdin(), 1 << 30, 81, Arc::default());
+        receiver.wait_for_bytes(1);
+        receiver.kill();
+        drop(receiver.finish());
+        let sent = sender.finish();
+        assert_cut_code("sender", sent.code, &sent.stderr);
+        if flags[0] == "-fsS" {
+            assert_eq!(sent.code, 22, "curl -f on a 502: {}", sent.stderr);
+            assert!(sent.stderr.contains("502"), "{}", sent.stderr);
+        } else {
+            assert_eq!(
+                sent.lines.last().map(String::as_str),
+                Some("[ERROR] 0 of 1 receivers got every byte"),
+                "{:?}",
+                sent.lines
+            );
+        }
+        generator.join().unwrap();
+    }
+}
+
+/// A waiting sender hears from the server every `--heartbeat` seconds.
+fn heartbeat_lines_come_at_the_chosen_interval() {
+    let server = Server::start(&["--heartbeat", "1"]);
+    let dir = TempDir::new("heartbeat");
+    let url = server.pipe_url(&pipe_name("heartbeat"), Some(2));
+    let (file, _) = dir.payload_file("body", 10, 82);
+    let mut sender = Sender::spawn(&url, Upload::File(&file), &dir, &[]);
+    assert_eq!(
+        sender.next_line(),
+        "[INFO] waiting for 2 receiver(s), 0 here"
+    );
+    let started = Instant::now();
+    assert_eq!(
+        sender.next_line(),
+        "[INFO] still waiting: 0 of 2 receivers here"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    sender.kill();
+}
+
 conformance! {
     sender_killed_mid_body_cuts_every_receiver,
     sender_gone_short_of_its_content_length_cuts_every_receiver,
@@ -272,4 +325,6 @@ conformance! {
     http10_receiver_of_a_chunked_sender_gets_505,
     slow_receiver_gets_every_byte_and_memory_stays_bounded,
     stalled_receiver_holds_back_the_sender_and_memory_stays_bounded,
+    report_end_sender_gets_502_when_a_receiver_is_lost,
+    heartbeat_lines_come_at_the_chosen_interval,
 }

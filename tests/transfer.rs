@@ -510,6 +510,33 @@ fn half_closed_receiver_gets_the_whole_stream() {
     sender.finish().assert_done(bytes.len() as u64, 1);
 }
 
+/// `report=end`: the sender's curl prints nothing until the transfer is over, then the
+/// whole report under a 200, so `curl -fsS` exits 0 only when every receiver got it all.
+fn report_end_answers_the_sender_when_the_transfer_is_over() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("report-end");
+    let (file, bytes) = dir.payload_file("body", 3 << 20, 80);
+    let name = pipe_name("report-end");
+    let url = format!("{}&report=end", server.pipe_url(&name, Some(2)));
+    let first = Receiver::spawn(&url, &dir, "r1", &[]);
+    let mut sender = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    settle();
+    assert!(
+        sender.lines_so_far().is_empty(),
+        "a report=end sender got lines before the end"
+    );
+    let second = Receiver::spawn(&url, &dir, "r2", &[]);
+    first.finish().assert_got(&bytes);
+    second.finish().assert_got(&bytes);
+    let sent = sender.finish();
+    sent.assert_done(bytes.len() as u64, 2);
+    assert!(
+        sent.lines[0].starts_with("[INFO] waiting for 2 receiver(s), "),
+        "the whole report comes at the end: {:?}",
+        sent.lines
+    );
+}
+
 conformance! {
     one_receiver_gets_every_byte,
     three_receivers_get_every_byte,
@@ -532,4 +559,5 @@ conformance! {
     curl_upload_over_one_mib_gets_100_continue,
     http10_receiver_of_a_sized_body_gets_it,
     half_closed_receiver_gets_the_whole_stream,
+    report_end_answers_the_sender_when_the_transfer_is_over,
 }

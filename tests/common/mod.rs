@@ -820,6 +820,12 @@ impl Sender {
     /// Waits for the first line of the response, which comes at once: after it, the sender
     /// is known to be registered on its pipe. With `Upload::Stdin`, `feed` it first (see
     /// there why).
+    /// The lines printed so far, without waiting for more.
+    pub fn lines_so_far(&mut self) -> &[String] {
+        self.lines.extend(self.lines_rx.try_iter());
+        &self.lines
+    }
+
     pub fn wait_registered(&mut self) {
         let line = self.next_line();
         assert!(
