@@ -380,15 +380,6 @@ impl Pipe {
         }
     }
 
-    /// The server's shutdown reached `phase`: draining or aborting, as above.
-    pub fn handle_phase(&mut self, phase: crate::hub::Phase, now: Instant) {
-        match phase {
-            crate::hub::Phase::Draining => self.handle_shutdown(now),
-            crate::hub::Phase::Aborting | crate::hub::Phase::Done => self.handle_abort(now),
-            crate::hub::Phase::Running => {}
-        }
-    }
-
     /// A waiting party is told why it waits no more, and leaves the pipe.
     fn give_up_waiting(&mut self, p: PartyId, why: &Reject, now: Instant) {
         let party = &mut self.parties[p];
