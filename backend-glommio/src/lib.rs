@@ -1,6 +1,7 @@
-//! fanpipe on glommio: io_uring, one executor per core, nothing `Send`. A thin driver:
-//! it moves bytes between sockets and the sans-io core and sleeps until the core's next
-//! deadline; every decision is the core's.
+//! fanpipe on glommio: io_uring, one executor per core, nothing `Send`. Runtime glue
+//! only: the driver (`fanpipe_driver`) accepts, admits, and drives connections and
+//! pipes; this file supplies glommio's sockets, timers, mailboxes, executors, the
+//! hand-over between cores and the stop signal.
 //!
 //! Each core accepts on its own listener (SO_REUSEPORT) and reads request heads. A pipe
 //! belongs to the core its name hashes to (`shard_of`); a connection accepted elsewhere
@@ -10,7 +11,7 @@
 //! to admit and to report.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, SocketAddr};
@@ -23,13 +24,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use fanpipe_core::config::LISTEN_BACKLOG;
-use fanpipe_core::conn::{Conn, PipeRequest};
-use fanpipe_core::hub::Hub;
-use fanpipe_core::metrics::OpenConn;
 use fanpipe_core::registry::{shard_of, PipeId};
 use fanpipe_core::request::Route;
 use fanpipe_core::Config;
-use fanpipe_driver::{Msg, PipeTask, ServerState, Socket};
+use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
@@ -145,38 +143,108 @@ fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListene
     Ok(listeners)
 }
 
-/// What every core shares. The registry's handle to a pipe is nothing: each core finds
-/// its own pipes' tasks in its `Core::pipes`.
+/// What every core shares. The registry's handle to a pipe is its id: each core finds
+/// its own pipes' mailboxes in its `Core::pipes`.
 struct Shared {
-    state: ServerState<()>,
+    state: ServerState<PipeId>,
     stop: Arc<AtomicBool>,
     grace: Duration,
     threads: usize,
 }
 
-impl std::ops::Deref for Shared {
-    type Target = ServerState<()>;
-
-    fn deref(&self) -> &ServerState<()> {
-        &self.state
-    }
-}
-
-/// A connection moving to the core that owns its pipe, before its transfer.
-struct Handover {
-    socket: OwnedFd,
-    peer: SocketAddr,
-    conn: Conn,
-    request: PipeRequest,
-    open: OpenConn,
-}
+/// A connection moving to the core that owns its pipe, before its transfer: its socket
+/// travels as a duplicate descriptor, with its `Conn` and the pipe request it read.
+type Handover = Connection<OwnedFd>;
 
 /// One core's state: its pipes, and the way to the other cores.
 struct Core {
     shared: Arc<Shared>,
     me: usize,
     peers: Senders<Handover>,
-    pipes: RefCell<HashMap<PipeId, Rc<Inbox>>>,
+    pipes: RefCell<BTreeMap<PipeId, Rc<Inbox>>>,
+}
+
+/// The driver's view of one core's executor.
+#[derive(Clone)]
+struct Glommio(Rc<Core>);
+
+impl Runtime for Glommio {
+    type Socket = Party;
+    type Timer = Wake;
+    type Handle = PipeId;
+
+    fn server(&self) -> &ServerState<PipeId> {
+        &self.0.shared.state
+    }
+
+    fn timer(&self) -> Wake {
+        Wake(None)
+    }
+
+    fn spawn_connection(&self, conn: Connection<Party>) {
+        let rt = self.clone();
+        glommio::spawn_local(async move { fanpipe_driver::serve_connection(&rt, conn).await })
+            .detach();
+    }
+
+    fn spawn_pipe(&self, mut task: PipeTask<Party, Wake>) -> PipeId {
+        let id = task.id();
+        let inbox = Rc::new(Inbox::default());
+        self.0.pipes.borrow_mut().insert(id, inbox.clone());
+        let core = self.0.clone();
+        glommio::spawn_local(async move {
+            poll_fn(|cx| task.run(cx, &core.shared.state, |cx| inbox.poll_recv(cx))).await;
+            core.pipes.borrow_mut().remove(&id);
+        })
+        .detach();
+        id
+    }
+
+    /// Only this core's pipes are found: during a shutdown each core tells its own.
+    fn send(&self, to: &PipeId, msg: Msg<Party>) {
+        if let Some(inbox) = self.0.pipes.borrow().get(to) {
+            inbox.send(msg);
+        }
+    }
+
+    fn owns(&self, name: &str) -> bool {
+        shard_of(name, self.0.shared.threads) == self.0.me
+    }
+
+    fn hand_over(&self, conn: Connection<Party>) {
+        let Some(Route::Pipe { name, .. }) = conn.request.as_ref().map(|r| &r.request.route) else {
+            return;
+        };
+        let owner = shard_of(name, self.0.shared.threads);
+        tracing::debug!(pipe = %name, from = self.0.me, to = owner, "handed over");
+        // This core's copy of the descriptor closes when `sock` drops.
+        let Ok(socket) = fd(&conn.sock.0).try_clone_to_owned() else {
+            return;
+        };
+        let Connection {
+            peer,
+            conn,
+            open,
+            request,
+            ..
+        } = conn;
+        let handover = Connection {
+            sock: socket,
+            peer,
+            conn,
+            open,
+            request,
+        };
+        let core = self.0.clone();
+        glommio::spawn_local(async move {
+            let _ = core.peers.send_to(owner, handover).await;
+        })
+        .detach();
+    }
+
+    fn stopped(&self) -> bool {
+        self.0.shared.stop.load(Ordering::Relaxed)
+    }
 }
 
 /// A pipe task's mailbox; only its own core writes to it.
@@ -224,27 +292,25 @@ async fn shard(
     // SAFETY: the descriptor comes from a listener this function owns and gives up here;
     // nothing else closes or uses it.
     let listener = unsafe { TcpListener::from_raw_fd(std_listener.into_raw_fd()) };
-    let core = Rc::new(Core {
+    let rt = Glommio(Rc::new(Core {
         shared: shared.clone(),
         me,
         peers,
-        pipes: RefCell::new(HashMap::new()),
-    });
+        pipes: RefCell::new(BTreeMap::new()),
+    }));
     for (_, receiver) in inbound.streams() {
-        let core = core.clone();
+        let rt = rt.clone();
         glommio::spawn_local(async move {
             while let Some(h) = receiver.recv().await {
                 let stream =
-                    TcpStream::from(socket2::Socket::from(std::net::TcpStream::from(h.socket)));
-                let task = connection(
-                    core.clone(),
-                    stream,
-                    h.peer,
-                    h.open,
-                    h.conn,
-                    Some(h.request),
-                );
-                glommio::spawn_local(task).detach();
+                    TcpStream::from(socket2::Socket::from(std::net::TcpStream::from(h.sock)));
+                rt.spawn_connection(Connection {
+                    sock: Party(stream),
+                    peer: h.peer,
+                    conn: h.conn,
+                    open: h.open,
+                    request: h.request,
+                });
             }
         })
         .detach();
@@ -253,44 +319,21 @@ async fn shard(
         while !shared.stop.load(Ordering::Relaxed) {
             sleep(STOP_POLL).await;
         }
-        None
     };
-    let accept = async {
-        loop {
-            match listener.accept().await {
-                // The stop is polled; a connection accepted after the signal, before this
-                // core saw it, is closed unanswered like the ones still queued.
-                Ok(_) if shared.stop.load(Ordering::Relaxed) => return None,
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    let peer = stream
-                        .peer_addr()
-                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                    let (open, full) = shared.connections.open(shared.config.max_connections);
-                    let mut conn = Conn::new(&shared.config, Instant::now());
-                    if let Some(why) = full {
-                        conn.handle_refused(&why, Instant::now());
-                    }
-                    let task = connection(core.clone(), stream, peer, open, conn, None);
-                    glommio::spawn_local(task).detach();
-                }
-                Err(e) => {
-                    // Out of descriptors and the like: wait a little rather than spin.
-                    tracing::warn!("accept failed: {e}");
-                    sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+    let next = || async {
+        let stream = listener
+            .accept()
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Ok((Party(stream), peer))
     };
-    accept.or(stopped).await.unwrap_or(());
+    fanpipe_driver::accept(&rt, next).or(stopped).await;
     drop(listener);
-    let tell = |_: &Hub<()>, phase| {
-        for inbox in core.pipes.borrow().values() {
-            inbox.send(Msg::Phase(phase));
-        }
-    };
-    let wait = |at: Instant| sleep(at.saturating_duration_since(Instant::now()));
-    shared.shut_down(shared.grace, tell, wait).await;
+    fanpipe_driver::shut_down(&rt, shared.grace).await;
     Ok(())
 }
 
@@ -301,90 +344,7 @@ fn fd(stream: &TcpStream) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }
 }
 
-/// A connection until it is answered, handed to another core, or joins a pipe here.
-/// `pending` is a pipe request that arrived from another core, still to be admitted.
-async fn connection(
-    core: Rc<Core>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    open: OpenConn,
-    mut conn: Conn,
-    mut pending: Option<PipeRequest>,
-) {
-    let shared = core.shared.clone();
-    let mut party = Party(stream);
-    let mut timer = Wake(None);
-    loop {
-        let request = match pending.take() {
-            Some(request) => request,
-            None => {
-                let polled = shared.next_request(&mut conn, &mut party, &mut timer, peer);
-                let Some(request) = polled.await else {
-                    return;
-                };
-                request
-            }
-        };
-        let Route::Pipe { name, .. } = &request.request.route else {
-            return;
-        };
-        let owner = shard_of(name, shared.threads);
-        if owner != core.me {
-            // The socket moves as a duplicate descriptor; this core's copy closes when
-            // `party` drops.
-            let Ok(socket) = fd(&party.0).try_clone_to_owned() else {
-                return;
-            };
-            drop(party);
-            tracing::debug!(pipe = %name, from = core.me, to = owner, "handed over");
-            let handover = Handover {
-                socket,
-                peer,
-                conn,
-                request,
-                open,
-            };
-            let _ = core.peers.send_to(owner, handover).await;
-            return;
-        }
-        let refused = {
-            let mut hub = shared.hub();
-            let make = |name: &str, n, id| spawn_pipe(&core, name, n, id);
-            match hub.admit(&request, make) {
-                Ok(admitted) => {
-                    // Sent under the lock, so the pipe sees parties in admission order.
-                    if let Some(inbox) = core.pipes.borrow().get(&admitted.id) {
-                        inbox.send(Msg::Arrival(Box::new((party, request, open))));
-                    }
-                    return;
-                }
-                Err(why) => why,
-            }
-        };
-        conn.handle_refused(&refused, Instant::now());
-    }
-}
-
-fn spawn_pipe(core: &Rc<Core>, name: &str, n: usize, id: PipeId) {
-    let inbox = Rc::new(Inbox::default());
-    core.pipes.borrow_mut().insert(id, inbox.clone());
-    let mut task = PipeTask::new(name, n, id, &core.shared.config, Wake(None));
-    let core = core.clone();
-    glommio::spawn_local(async move {
-        poll_fn(|cx| {
-            task.drive(
-                cx,
-                |cx| inbox.poll_recv(cx),
-                |name, id, event| core.shared.hub().handle_event(name, id, event),
-            )
-        })
-        .await;
-        core.pipes.borrow_mut().remove(&task.id());
-    })
-    .detach();
-}
-
-/// A party's socket, for the pipe's task.
+/// A client's socket.
 struct Party(TcpStream);
 
 impl Socket for Party {
@@ -405,10 +365,14 @@ impl Socket for Party {
     }
 }
 
-/// The pipe task's timer: glommio's timers take a duration, so one is made per deadline.
+/// A task's timer: glommio's timers take a duration, so one is made per deadline.
 struct Wake(Option<(Instant, Timer)>);
 
 impl fanpipe_driver::Timer for Wake {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
     fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
         let timer = match &mut self.0 {
             Some((due, timer)) if *due == at => timer,

@@ -1,9 +1,8 @@
-//! fanpipe on smol / async-io. A thin driver: it accepts connections, gives each a task that runs
-//! `fanpipe_driver::poll_conn` on its socket, and once a request is admitted to a pipe,
-//! hands the socket to the task that owns that pipe (`fanpipe_driver::PipeTask`), which
-//! drives all of that pipe's sockets, so the data path takes no lock. Only the hub
-//! (registry and counters) is shared. What is smol's own: sockets, timers, channels,
-//! spawning, threads and signals.
+//! fanpipe on smol / async-io. Runtime glue only: the driver (`fanpipe_driver`) accepts,
+//! admits, and drives connections and pipes; this file supplies smol's sockets, timers,
+//! channels, executor threads and signals. Each pipe has a task that owns all of its
+//! sockets, so the data path takes no lock; only the hub (registry and counters) is
+//! shared.
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -16,12 +15,8 @@ use std::time::{Duration, Instant};
 use async_executor::Executor;
 use async_io::{Async, Timer};
 use fanpipe_core::config::LISTEN_BACKLOG;
-use fanpipe_core::conn::Conn;
-use fanpipe_core::hub::Hub;
-use fanpipe_core::metrics::OpenConn;
-use fanpipe_core::registry::PipeId;
-use fanpipe_core::{Config, Reject};
-use fanpipe_driver::{Msg, PipeTask, ServerState, Socket};
+use fanpipe_core::Config;
+use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt, Stream};
 
 /// The name of this backend, for `--version`.
@@ -29,16 +24,46 @@ pub const BACKEND: &str = "smol";
 
 type Handle = async_channel::Sender<Msg<Party>>;
 
-struct Server {
-    state: ServerState<Handle>,
+/// The driver's view of smol: the server's shared state, and the executor its tasks run on.
+#[derive(Clone)]
+struct Smol {
+    server: Arc<ServerState<Handle>>,
     executor: Arc<Executor<'static>>,
 }
 
-impl std::ops::Deref for Server {
-    type Target = ServerState<Handle>;
+impl Runtime for Smol {
+    type Socket = Party;
+    type Timer = Wake;
+    type Handle = Handle;
 
-    fn deref(&self) -> &ServerState<Handle> {
-        &self.state
+    fn server(&self) -> &ServerState<Handle> {
+        &self.server
+    }
+
+    fn timer(&self) -> Wake {
+        Wake(Timer::never())
+    }
+
+    fn spawn_connection(&self, conn: Connection<Party>) {
+        let rt = self.clone();
+        let task = async move { fanpipe_driver::serve_connection(&rt, conn).await };
+        self.executor.spawn(task).detach();
+    }
+
+    fn spawn_pipe(&self, mut task: PipeTask<Party, Wake>) -> Handle {
+        let (tx, rx) = async_channel::unbounded();
+        let mut rx = Box::pin(rx);
+        let server = self.server.clone();
+        self.executor
+            .spawn(async move {
+                poll_fn(|cx| task.run(cx, &server, |cx| rx.as_mut().poll_next(cx))).await;
+            })
+            .detach();
+        tx
+    }
+
+    fn send(&self, to: &Handle, msg: Msg<Party>) {
+        let _ = to.try_send(msg);
     }
 }
 
@@ -52,35 +77,18 @@ pub async fn serve(
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let server = Arc::new(Server {
-        state: ServerState::new(config),
+    let rt = Smol {
+        server: Arc::new(ServerState::new(config)),
         executor,
-    });
-    let accept = async {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let _ = stream.get_ref().set_nodelay(true);
-                    let open = server.connections.open(server.config.max_connections);
-                    let task = connection(server.clone(), stream, peer, open);
-                    server.executor.spawn(task).detach();
-                }
-                Err(e) => {
-                    // Out of descriptors and the like: wait a little rather than spin.
-                    tracing::warn!("accept failed: {e}");
-                    Timer::after(Duration::from_millis(50)).await;
-                }
-            }
-        }
     };
-    accept.or(shutdown).await;
+    let next = || async {
+        let (stream, peer) = listener.accept().await?;
+        let _ = stream.get_ref().set_nodelay(true);
+        Ok((Party(stream), peer))
+    };
+    fanpipe_driver::accept(&rt, next).or(shutdown).await;
     drop(listener);
-    let tell = |hub: &Hub<Handle>, phase| {
-        for handle in hub.handles() {
-            let _ = handle.try_send(Msg::Phase(phase));
-        }
-    };
-    server.shut_down(grace, tell, Timer::at).await;
+    fanpipe_driver::shut_down(&rt, grace).await;
     Ok(())
 }
 
@@ -132,62 +140,7 @@ pub fn run(
     served
 }
 
-/// A connection until it is answered or handed to a pipe.
-async fn connection(
-    server: Arc<Server>,
-    stream: Async<TcpStream>,
-    peer: SocketAddr,
-    (open, full): (OpenConn, Option<Reject>),
-) {
-    let mut conn = Conn::new(&server.config, Instant::now());
-    if let Some(why) = full {
-        conn.handle_refused(&why, Instant::now());
-    }
-    let mut party = Party(stream);
-    let mut timer = Wake(Timer::never());
-    loop {
-        let polled = server.next_request(&mut conn, &mut party, &mut timer, peer);
-        let Some(request) = polled.await else {
-            return;
-        };
-        let refused = {
-            let mut hub = server.hub();
-            let make = |name: &str, n, id| spawn_pipe(server.clone(), name, n, id);
-            match hub.admit(&request, make) {
-                Ok(admitted) => {
-                    // Sent under the lock, so the pipe sees parties in admission order.
-                    let arrival = Box::new((party, request, open));
-                    let _ = admitted.handle.try_send(Msg::Arrival(arrival));
-                    return;
-                }
-                Err(why) => why,
-            }
-        };
-        conn.handle_refused(&refused, Instant::now());
-    }
-}
-
-fn spawn_pipe(server: Arc<Server>, name: &str, n: usize, id: PipeId) -> Handle {
-    let (tx, rx) = async_channel::unbounded();
-    let mut rx = Box::pin(rx);
-    let mut task = PipeTask::new(name, n, id, &server.config, Wake(Timer::never()));
-    let executor = server.executor.clone();
-    executor
-        .spawn(async move {
-            poll_fn(|cx| {
-                task.drive(
-                    cx,
-                    |cx| rx.as_mut().poll_next(cx),
-                    |name, id, event| server.hub().handle_event(name, id, event),
-                )
-            })
-            .await;
-        })
-        .detach();
-    tx
-}
-
-/// A party's socket, for the pipe's task.
+/// A client's socket.
 struct Party(Async<TcpStream>);
 
 impl Socket for Party {
@@ -208,10 +161,14 @@ impl Socket for Party {
     }
 }
 
-/// The pipe task's timer.
+/// A task's timer, on the system clock.
 struct Wake(Timer);
 
 impl fanpipe_driver::Timer for Wake {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
     fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
         self.0.set_at(at);
         Pin::new(&mut self.0).poll(cx).map(|_| ())

@@ -1,9 +1,7 @@
-//! fanpipe on tokio. A thin driver: it accepts connections, gives each a task that runs
-//! `fanpipe_driver::poll_conn` on its socket, and once a request is admitted to a pipe,
-//! hands the socket to the task that owns that pipe (`fanpipe_driver::PipeTask`), which
-//! drives all of that pipe's sockets, so the data path takes no lock. Only the hub
-//! (registry and counters) is shared. What is tokio's own: sockets, timers, channels,
-//! spawning and signals.
+//! fanpipe on tokio. Runtime glue only: the driver (`fanpipe_driver`) accepts, admits,
+//! and drives connections and pipes; this file supplies tokio's sockets, timers,
+//! channels, spawning and signals. Each pipe has a task that owns all of its sockets,
+//! so the data path takes no lock; only the hub (registry and counters) is shared.
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -14,12 +12,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use fanpipe_core::config::LISTEN_BACKLOG;
-use fanpipe_core::conn::Conn;
-use fanpipe_core::hub::Hub;
-use fanpipe_core::metrics::OpenConn;
-use fanpipe_core::registry::PipeId;
-use fanpipe_core::{Config, Reject};
-use fanpipe_driver::{Msg, PipeTask, ServerState, Socket, Timer};
+use fanpipe_core::Config;
+use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket, Timer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -30,7 +24,43 @@ pub const BACKEND: &str = "tokio";
 
 type Handle = mpsc::UnboundedSender<Msg<Party>>;
 
-type Server = ServerState<Handle>;
+/// The driver's view of tokio: the server's shared state, and tokio's tasks.
+#[derive(Clone)]
+struct Tokio {
+    server: Arc<ServerState<Handle>>,
+}
+
+impl Runtime for Tokio {
+    type Socket = Party;
+    type Timer = Wake;
+    type Handle = Handle;
+
+    fn server(&self) -> &ServerState<Handle> {
+        &self.server
+    }
+
+    fn timer(&self) -> Wake {
+        Wake(Box::pin(sleep_until(tokio::time::Instant::now())))
+    }
+
+    fn spawn_connection(&self, conn: Connection<Party>) {
+        let rt = self.clone();
+        tokio::spawn(async move { fanpipe_driver::serve_connection(&rt, conn).await });
+    }
+
+    fn spawn_pipe(&self, mut task: PipeTask<Party, Wake>) -> Handle {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let server = self.server.clone();
+        tokio::spawn(async move {
+            poll_fn(|cx| task.run(cx, &server, |cx| rx.poll_recv(cx))).await;
+        });
+        tx
+    }
+
+    fn send(&self, to: &Handle, msg: Msg<Party>) {
+        let _ = to.send(msg);
+    }
+}
 
 /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
 /// connections, waiting parties let go, running transfers given `grace` to finish.
@@ -40,34 +70,20 @@ pub async fn serve(
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let server = Arc::new(Server::new(config));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let open = server.connections.open(server.config.max_connections);
-                    tokio::spawn(connection(server.clone(), stream, peer, open));
-                }
-                Err(e) => {
-                    // Out of descriptors and the like: wait a little rather than spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = &mut shutdown => break,
-        }
+    let rt = Tokio {
+        server: Arc::new(ServerState::new(config)),
+    };
+    let next = || async {
+        let (stream, peer) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((Party(stream), peer))
+    };
+    tokio::select! {
+        () = fanpipe_driver::accept(&rt, next) => {}
+        () = shutdown => {}
     }
     drop(listener);
-    let tell = |hub: &Hub<Handle>, phase| {
-        for handle in hub.handles() {
-            let _ = handle.send(Msg::Phase(phase));
-        }
-    };
-    server
-        .shut_down(grace, tell, |at| sleep_until(at.into()))
-        .await;
+    fanpipe_driver::shut_down(&rt, grace).await;
     Ok(())
 }
 
@@ -111,60 +127,7 @@ async fn stop_signal() {
     }
 }
 
-/// A connection until it is answered or handed to a pipe.
-async fn connection(
-    server: Arc<Server>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    (open, full): (OpenConn, Option<Reject>),
-) {
-    let mut conn = Conn::new(&server.config, Instant::now());
-    if let Some(why) = full {
-        conn.handle_refused(&why, Instant::now());
-    }
-    let mut party = Party(stream);
-    let mut timer = Wake(Box::pin(sleep_until(tokio::time::Instant::now())));
-    loop {
-        let polled = server.next_request(&mut conn, &mut party, &mut timer, peer);
-        let Some(request) = polled.await else {
-            return;
-        };
-        let refused = {
-            let mut hub = server.hub();
-            let make = |name: &str, n, id| spawn_pipe(server.clone(), name, n, id);
-            match hub.admit(&request, make) {
-                Ok(admitted) => {
-                    // Sent under the lock, so the pipe sees parties in admission order.
-                    let _ = admitted
-                        .handle
-                        .send(Msg::Arrival(Box::new((party, request, open))));
-                    return;
-                }
-                Err(why) => why,
-            }
-        };
-        conn.handle_refused(&refused, Instant::now());
-    }
-}
-
-fn spawn_pipe(server: Arc<Server>, name: &str, n: usize, id: PipeId) -> Handle {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let timer = Wake(Box::pin(sleep_until(tokio::time::Instant::now())));
-    let mut task = PipeTask::new(name, n, id, &server.config, timer);
-    tokio::spawn(async move {
-        poll_fn(|cx| {
-            task.drive(
-                cx,
-                |cx| rx.poll_recv(cx),
-                |name, id, event| server.hub().handle_event(name, id, event),
-            )
-        })
-        .await;
-    });
-    tx
-}
-
-/// A party's socket, for the pipe's task.
+/// A client's socket.
 struct Party(TcpStream);
 
 impl Socket for Party {
@@ -188,10 +151,14 @@ impl Socket for Party {
     }
 }
 
-/// The pipe task's timer.
+/// A task's timer, on tokio's clock.
 struct Wake(Pin<Box<Sleep>>);
 
 impl Timer for Wake {
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
     fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
         self.0.as_mut().reset(at.into());
         self.0.as_mut().poll(cx)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::conn::PipeRequest;
 use crate::error::Reject;
-use crate::metrics::{outcome_label, Metrics};
+use crate::metrics::Metrics;
 use crate::pipe::Event;
 use crate::registry::{Admitted, PipeId, Registry};
 use crate::request::Route;
@@ -42,6 +42,18 @@ pub struct ShutdownStep {
     pub next: Instant,
 }
 
+/// What the task of a new pipe is started with, taken from the request that opened it:
+/// one value, so that a new parameter of a pipe is added here and where the pipe is
+/// made, not in every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipeParams {
+    pub name: String,
+    /// Receivers the transfer waits for.
+    pub n: usize,
+    /// The registry's id of this pipe.
+    pub id: PipeId,
+}
+
 /// Shared server state; `H` is the backend's handle to the task that owns a pipe.
 #[derive(Debug)]
 pub struct Hub<H> {
@@ -63,17 +75,22 @@ impl<H> Hub<H> {
     }
 
     /// Lets the party of `request` onto its pipe, or says why not; `make` starts the
-    /// owner of a new pipe, given its name, `n` and id.
+    /// owner of a new pipe.
     pub fn admit(
         &mut self,
         request: &PipeRequest,
-        make: impl FnOnce(&str, usize, PipeId) -> H,
+        make: impl FnOnce(PipeParams) -> H,
     ) -> Result<Admitted<'_, H>, Reject> {
         let Route::Pipe { name, role, n } = &request.request.route else {
             return Err(Reject::NotFound);
         };
-        self.registry
-            .admit(name, *role, *n, |id| make(name, *n, id))
+        self.registry.admit(name, *role, *n, |id| {
+            make(PipeParams {
+                name: name.clone(),
+                n: *n,
+                id,
+            })
+        })
     }
 
     /// Counts and logs a refused request.
@@ -106,7 +123,7 @@ impl<H> Hub<H> {
                     bytes = s.bytes,
                     complete = s.complete,
                     seconds = format_args!("{:.3}", s.seconds),
-                    outcome = outcome_label(s.outcome),
+                    outcome = s.outcome.label(),
                     "transfer ended"
                 );
                 true
@@ -193,11 +210,11 @@ mod tests {
         let t0 = Instant::now();
         let grace = Duration::from_secs(5);
         let mut hub: Hub<()> = Hub::new(&Config::default());
-        let id = hub.admit(&request(GET), |_, _, _| ()).unwrap().id;
+        let id = hub.admit(&request(GET), |_| ()).unwrap().id;
         assert!(!hub.handle_event("x", id, Event::Started));
         hub.begin_shutdown(grace, t0);
         assert_eq!(
-            hub.admit(&request(GET), |_, _, _| ()).unwrap_err(),
+            hub.admit(&request(GET), |_| ()).unwrap_err(),
             Reject::ShuttingDown
         );
         let step = hub.poll_shutdown(t0);
@@ -212,7 +229,7 @@ mod tests {
     fn a_shutdown_ends_as_soon_as_the_last_pipe_is_gone() {
         let t0 = Instant::now();
         let mut hub: Hub<()> = Hub::new(&Config::default());
-        let id = hub.admit(&request(GET), |_, _, _| ()).unwrap().id;
+        let id = hub.admit(&request(GET), |_| ()).unwrap().id;
         hub.begin_shutdown(Duration::from_secs(30), t0);
         assert_eq!(hub.poll_shutdown(t0).phase, Phase::Draining);
         assert!(hub.handle_event("x", id, Event::Left(Role::Receiver)));

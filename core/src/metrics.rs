@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::chunked::BodyError;
 use crate::error::Reject;
 use crate::pipe::{Outcome, Summary};
 use crate::registry::Counts;
@@ -20,31 +21,35 @@ pub struct Metrics {
     bytes_delivered: u64,
 }
 
-/// The label of an outcome in `/metrics` and the logs.
-pub fn outcome_label(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Complete => "complete",
-        Outcome::ReceiversLost => "receivers_lost",
-        Outcome::SenderGone => "sender_gone",
-        Outcome::Malformed(_) => "malformed",
-        Outcome::Stalled => "stalled",
-        Outcome::Shutdown => "shutdown",
+impl Outcome {
+    /// Every outcome, in the order `/metrics` lists them (a malformed body counts once,
+    /// whatever was wrong with it).
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Complete,
+        Outcome::ReceiversLost,
+        Outcome::SenderGone,
+        Outcome::Malformed(BodyError::ChunkSize),
+        Outcome::Stalled,
+        Outcome::Shutdown,
+    ];
+
+    /// The label of this outcome in `/metrics` and the logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::ReceiversLost => "receivers_lost",
+            Outcome::SenderGone => "sender_gone",
+            Outcome::Malformed(_) => "malformed",
+            Outcome::Stalled => "stalled",
+            Outcome::Shutdown => "shutdown",
+        }
     }
 }
-
-const OUTCOMES: [&str; 6] = [
-    "complete",
-    "receivers_lost",
-    "sender_gone",
-    "malformed",
-    "stalled",
-    "shutdown",
-];
 
 impl Metrics {
     /// Counts one finished transfer. Bytes are counted when a transfer ends.
     pub fn record(&mut self, s: &Summary) {
-        *self.transfers.entry(outcome_label(s.outcome)).or_default() += 1;
+        *self.transfers.entry(s.outcome.label()).or_default() += 1;
         self.bytes_received += s.bytes;
         self.bytes_delivered += s.bytes * s.complete as u64;
     }
@@ -79,7 +84,7 @@ impl Metrics {
             counts.running_pipes
         );
         let _ = writeln!(out, "# HELP fanpipe_transfers_total Finished transfers by outcome.\n# TYPE fanpipe_transfers_total counter");
-        for label in OUTCOMES {
+        for label in Outcome::ALL.map(|o| o.label()) {
             let v = self.transfers.get(label).copied().unwrap_or(0);
             let _ = writeln!(out, "fanpipe_transfers_total{{outcome=\"{label}\"}} {v}");
         }
@@ -164,6 +169,22 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn every_outcome_has_its_own_label_and_a_series() {
+        let labels = Outcome::ALL.map(|o| o.label());
+        let mut distinct = labels.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), labels.len(), "{labels:?}");
+        let text = Metrics::default().render(Counts::default(), 0);
+        for label in labels {
+            let line = format!("fanpipe_transfers_total{{outcome=\"{label}\"}} 0");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        let malformed = Outcome::Malformed(BodyError::TrailerTooLarge);
+        assert_eq!(malformed.label(), "malformed");
     }
 
     #[test]

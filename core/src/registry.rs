@@ -3,7 +3,7 @@
 //!
 //! `H` is the backend's handle to the task that owns a pipe (a channel, say).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use crate::error::Reject;
 use crate::request::Role;
@@ -30,10 +30,11 @@ struct Entry<H> {
     handle: H,
 }
 
-/// Names to pipes.
+/// Names to pipes, in the order of their names, so that whoever walks them (to tell a
+/// shutdown, say) does so in the same order on every run.
 #[derive(Debug)]
 pub struct Registry<H> {
-    pipes: HashMap<String, Entry<H>>,
+    pipes: BTreeMap<String, Entry<H>>,
     next_id: PipeId,
     max_pipes: usize,
     closed: bool,
@@ -65,7 +66,7 @@ impl<H> Registry<H> {
     /// A registry that holds at most `max_pipes` pipes.
     pub fn new(max_pipes: usize) -> Self {
         Registry {
-            pipes: HashMap::new(),
+            pipes: BTreeMap::new(),
             next_id: 1,
             max_pipes,
             closed: false,

@@ -1,0 +1,60 @@
+//! A connection before any pipe.
+
+use std::io::IoSlice;
+use std::task::{Context, Poll};
+
+use fanpipe_core::conn::{Action, Conn, PipeRequest};
+use fanpipe_core::Reject;
+
+use crate::io::{Socket, Timer};
+
+/// Drives one connection's [`Conn`] until it is closed (`None`) or holds a pipe request
+/// for the registry (`Some`): reads, writes, shutdowns and deadlines as the core says.
+/// `refused` logs and counts a refusal; `metrics` renders the `/metrics` page. After a
+/// pipe request the caller admits it, or tells the `Conn` why not and drives it again.
+pub fn poll_conn<S: Socket, T: Timer>(
+    cx: &mut Context<'_>,
+    conn: &mut Conn,
+    sock: &mut S,
+    timer: &mut T,
+    mut refused: impl FnMut(&Reject),
+    mut metrics: impl FnMut() -> String,
+) -> Poll<Option<PipeRequest>> {
+    loop {
+        if let Some(why) = conn.take_refused() {
+            refused(&why);
+        }
+        let io = match conn.poll_action() {
+            Action::Read => sock.poll_read(cx, conn.read_buf()).map(|r| match r {
+                Ok(n) => conn.handle_read(n, timer.now()),
+                Err(_) => conn.handle_error(),
+            }),
+            Action::Write => {
+                let bufs = [IoSlice::new(conn.output())];
+                sock.poll_write_vectored(cx, &bufs).map(|r| match r {
+                    Ok(n) if n > 0 => conn.handle_wrote(n, timer.now()),
+                    _ => conn.handle_error(),
+                })
+            }
+            Action::Shutdown => {
+                sock.shutdown_write(cx);
+                conn.handle_shutdown(timer.now());
+                Poll::Ready(())
+            }
+            Action::Metrics => {
+                conn.handle_metrics(&metrics(), timer.now());
+                Poll::Ready(())
+            }
+            Action::Pipe => return Poll::Ready(conn.take_pipe_request()),
+            Action::Close => return Poll::Ready(None),
+        };
+        if io.is_pending() {
+            match conn.poll_timeout() {
+                Some(at) if timer.poll_at(cx, at).is_ready() => {
+                    conn.handle_timeout(timer.now());
+                }
+                _ => return Poll::Pending,
+            }
+        }
+    }
+}
