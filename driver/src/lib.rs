@@ -21,6 +21,8 @@ use fanpipe_core::pipe::{Event, Pipe, READS_PER_TURN};
 use fanpipe_core::registry::PipeId;
 use fanpipe_core::{Config, Reject};
 
+pub mod tls;
+
 /// A party's socket, as the runtime offers it.
 pub trait Socket {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
