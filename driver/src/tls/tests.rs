@@ -911,3 +911,118 @@ fn the_counters_render_as_prometheus_series() {
     assert!(page.contains("fanpipe_tls_handshakes_total{outcome=\"failed\"} 1\n"));
     assert!(page.contains("fanpipe_tls_plain_http_total 0\n"));
 }
+
+/// A real loopback connection: the kernel's partial reads and writes, FIN and close.
+mod loopback {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A nonblocking std stream as a backend's socket; the test's loop polls it again at
+    /// once instead of waiting for readiness.
+    struct Tcp(TcpStream);
+
+    impl Socket for Tcp {
+        fn poll_read(&mut self, _: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                r => Poll::Ready(r),
+            }
+        }
+
+        fn poll_write_vectored(
+            &mut self,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            match self.0.write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                r => Poll::Ready(r),
+            }
+        }
+
+        fn shutdown_write(&mut self, _: &mut Context<'_>) {
+            let _ = self.0.shutdown(Shutdown::Write);
+        }
+    }
+
+    /// Polls `f` until it is ready, for at most ten seconds.
+    fn block_on<T>(mut f: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
+        let waker = waker();
+        let mut cx = Context::from_waker(&waker);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Poll::Ready(t) = f(&mut cx) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "stuck");
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// A tiny HTTPS responder: reads a request head, answers with `body` in writes of
+    /// head and body slices, ends cleanly, and waits for the client to close.
+    fn serve(listener: TcpListener, config: TlsConfig, body: Vec<u8>) -> io::Result<()> {
+        let (stream, _) = listener.accept()?;
+        stream.set_nonblocking(true)?;
+        let mut sock = TlsSocket::new(Tcp(stream), &config)?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut buf = [0u8; 1024];
+            let n = block_on(|cx| sock.poll_read(cx, &mut buf))?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut sent = 0;
+        let total = reply.len() + body.len();
+        while sent < total {
+            let slices = if sent < reply.len() {
+                [IoSlice::new(&reply.as_bytes()[sent..]), IoSlice::new(&body)]
+            } else {
+                [IoSlice::new(&body[sent - reply.len()..]), IoSlice::new(&[])]
+            };
+            sent += block_on(|cx| sock.poll_write_vectored(cx, &slices))?;
+        }
+        block_on(|cx| sock.poll_shutdown(cx))?;
+        // The lingering close: read until the client's close.
+        let mut buf = [0u8; 1024];
+        while block_on(|cx| sock.poll_read(cx, &mut buf))? > 0 {}
+        Ok(())
+    }
+
+    #[test]
+    fn an_https_exchange_over_loopback_tcp() {
+        let setup = setup();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = pattern(4 << 20);
+        let server = {
+            let (config, body) = (setup.config.clone(), body.clone());
+            thread::spawn(move || serve(listener, config, body))
+        };
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut tls = rustls::StreamOwned::new(setup.pki.client(rustls::DEFAULT_VERSIONS), tcp);
+        tls.write_all(b"GET /x HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .unwrap();
+        let mut response = Vec::new();
+        // read_to_end fails on an EOF that no close_notify announced.
+        tls.read_to_end(&mut response).unwrap();
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert!(response[split..] == body[..], "the body differs");
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        tls.sock.shutdown(Shutdown::Both).unwrap();
+        server.join().unwrap().unwrap();
+        assert_eq!(setup.config.stats().handshakes_completed(), 1);
+    }
+}
