@@ -8,10 +8,10 @@
 //!   failure is a typed [`TlsError`] to report before binding. The handle is an `Arc`:
 //!   clone it into every accept loop and core.
 //! - At accept, when TLS is on, wrap the stream before anything reads it:
-//!   `TlsSocket::new(stream, &tls_config)`, and drive that instead of the bare stream
-//!   (an enum of the two, or `TlsSocket` always and a plain server without it). No
-//!   handshake is awaited in the accept loop: it runs inside the first `poll_read` (or
-//!   `poll_write_vectored`), so a client that sends nothing costs only its own
+//!   `TlsSocket::new(stream, &tls_config)`, or `MaybeTls::accept(stream, tls.as_ref())`
+//!   so one socket type serves both modes, and drive that instead of the bare stream.
+//!   No handshake is awaited in the accept loop: it runs inside the first `poll_read`
+//!   (or `poll_write_vectored`), so a client that sends nothing costs only its own
 //!   connection, and the head timeout the driver already arms bounds it.
 //! - The driver should end a connection with [`Socket::poll_shutdown`] (close_notify,
 //!   then the FIN) and call [`Socket::poll_flush`] when it has nothing more to write.
@@ -24,18 +24,22 @@
 //!   and returns the error for the caller to log. Running connections keep the config
 //!   they started with.
 //! - `/metrics`: [`TlsConfig::stats`] counts handshakes completed and failed and plain
-//!   HTTP requests answered 400; [`TlsStats::render`] writes them as Prometheus series.
+//!   HTTP requests answered 400; [`TlsStats::render`] appends them as Prometheus series.
 //!
 //! # glommio's cross-core handover
 //!
-//! glommio hands a connection to the core that owns its pipe after its request head was
-//! read, so with TLS the handshake is long done and the TLS session (keys, sequence
-//! numbers, ciphertext read ahead of the head, records not yet sent) must travel with
-//! the duplicated descriptor: the new core cannot start a new session on the same TCP
-//! stream. [`TlsSocket::into_parts`] splits the socket into the inner stream and a
-//! [`TlsSession`], which is `Send` (rustls's connection is); the receiving core rebuilds
-//! it around its own stream with [`TlsSocket::from_parts`]. The sending core must not
-//! write after `into_parts` (it drops its copy of the descriptor right away, as now).
+//! glommio hands a connection to the core that owns its pipe as a duplicate descriptor
+//! plus the `Conn` holding the bytes already read. It could hand over before any byte
+//! is read only if the owner were known at accept; it is not, since the owner follows
+//! from the pipe's name in the request head, which under TLS is encrypted. So the
+//! handshake and the head are done on the accepting core, and the TLS session (keys,
+//! sequence numbers, ciphertext read past the head, records not yet sent) must travel
+//! with the descriptor: the new core cannot start a new session on the same TCP stream.
+//! [`TlsSocket::into_parts`] splits the socket into the stream and a [`TlsSession`],
+//! which is `Send` (rustls's connection is), to put in the `Handover` beside the
+//! descriptor; the owning core rebuilds it around its own stream with
+//! [`TlsSocket::from_parts`]. The accepting core must neither read nor write the
+//! stream after `into_parts`, and drops its copy of the descriptor right away, as now.
 
 use std::fmt;
 use std::fs;
@@ -319,7 +323,8 @@ enum State {
 /// The TLS half of a [`TlsSocket`], apart from its stream: what must travel with a
 /// connection handed to another thread (see the module's doc). `Send`.
 pub struct TlsSession {
-    conn: ServerConnection,
+    /// Boxed: it is large, and sockets move (into a pipe's task, across cores).
+    conn: Box<ServerConnection>,
     state: State,
     stats: Arc<TlsStats>,
     /// close_notify is queued: no more writes.
@@ -349,7 +354,8 @@ impl<S: Socket> TlsSocket<S> {
     /// Starts a server session on a freshly accepted stream with the config's current
     /// certificate. Nothing is read or written until the socket is polled.
     pub fn new(inner: S, config: &TlsConfig) -> io::Result<Self> {
-        let mut conn = ServerConnection::new(config.server_config()).map_err(io::Error::other)?;
+        let mut conn =
+            Box::new(ServerConnection::new(config.server_config()).map_err(io::Error::other)?);
         conn.set_buffer_limit(Some(BUFFER_LIMIT));
         Ok(TlsSocket {
             inner,
@@ -660,6 +666,63 @@ impl<S: Socket> Socket for TlsSocket<S> {
             self.session.fin_sent = true;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A backend's socket with TLS on or off, so one `PipeTask` type serves both.
+pub enum MaybeTls<S> {
+    Plain(S),
+    Tls(TlsSocket<S>),
+}
+
+impl<S: Socket> MaybeTls<S> {
+    /// Wraps a freshly accepted stream in TLS when the server has a certificate.
+    pub fn accept(stream: S, tls: Option<&TlsConfig>) -> io::Result<Self> {
+        Ok(match tls {
+            Some(config) => MaybeTls::Tls(TlsSocket::new(stream, config)?),
+            None => MaybeTls::Plain(stream),
+        })
+    }
+}
+
+impl<S: Socket> Socket for MaybeTls<S> {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self {
+            MaybeTls::Plain(s) => s.poll_read(cx, buf),
+            MaybeTls::Tls(s) => s.poll_read(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            MaybeTls::Plain(s) => s.poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => s.poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn shutdown_write(&mut self, cx: &mut Context<'_>) {
+        match self {
+            MaybeTls::Plain(s) => s.shutdown_write(cx),
+            MaybeTls::Tls(s) => s.shutdown_write(cx),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            MaybeTls::Plain(s) => s.poll_flush(cx),
+            MaybeTls::Tls(s) => s.poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            MaybeTls::Plain(s) => s.poll_shutdown(cx),
+            MaybeTls::Tls(s) => s.poll_shutdown(cx),
+        }
     }
 }
 

@@ -1026,3 +1026,42 @@ mod loopback {
         assert_eq!(setup.config.stats().handshakes_completed(), 1);
     }
 }
+
+#[test]
+fn maybe_tls_passes_plain_sockets_through() {
+    let setup = setup();
+    let waker = waker();
+    let mut cx = Context::from_waker(&waker);
+    let (server, mut wire) = pair(1024);
+    let mut plain = MaybeTls::accept(server, None).unwrap();
+    wire.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    assert!(matches!(
+        plain.poll_read(&mut cx, &mut buf),
+        Poll::Ready(Ok(18))
+    ));
+    assert!(matches!(plain.poll_shutdown(&mut cx), Poll::Ready(Ok(()))));
+    assert!(wire.server_fin());
+
+    let (server, wire) = pair(32 << 10);
+    let mut s = Session {
+        server: TlsSocket::new(server, &setup.config).unwrap(),
+        client: setup.pki.client(rustls::DEFAULT_VERSIONS),
+        wire,
+    };
+    s.handshake();
+    let (stream, session) = s.server.into_parts();
+    let mut tls = MaybeTls::Tls(TlsSocket::from_parts(stream, session));
+    assert!(matches!(
+        tls.poll_write_vectored(&mut cx, &[IoSlice::new(b"hi")]),
+        Poll::Ready(Ok(2))
+    ));
+    assert!(matches!(tls.poll_shutdown(&mut cx), Poll::Ready(Ok(()))));
+    let (mut client, mut wire) = (s.client, s.wire);
+    while client.read_tls(&mut wire).unwrap() > 0 {
+        client.process_new_packets().unwrap();
+    }
+    let mut got = Vec::new();
+    client.reader().read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hi");
+}
