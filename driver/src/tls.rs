@@ -478,15 +478,17 @@ impl<S: Socket> TlsSocket<S> {
         self.session.state = State::Handshake;
         let mut rest = &first[..n];
         while !rest.is_empty() {
-            // rustls takes a whole first read (its buffer holds a full record); it is
-            // processed after each piece all the same, to stay within it.
-            let took = self.session.conn.read_tls(&mut rest);
-            if let Err(e) = took {
-                TlsStats::count(&self.session.stats.failed);
-                self.session.state = State::Failed;
-                return Poll::Ready(Err(e));
+            // Processed piece by piece, in case rustls takes less than the whole read.
+            match self.session.conn.read_tls(&mut rest) {
+                // rustls reads nothing more after a close_notify.
+                Ok(0) => break,
+                Ok(_) => self.process(cx)?,
+                Err(e) => {
+                    TlsStats::count(&self.session.stats.failed);
+                    self.session.state = State::Failed;
+                    return Poll::Ready(Err(e));
+                }
             }
-            self.process(cx)?;
         }
         Poll::Ready(Ok(false))
     }

@@ -729,6 +729,8 @@ fn garbage_is_an_error_and_a_failed_handshake() {
         &b"\x00\x01\x02\x03\x04\x05\x06\x07 not TLS at all"[..],
         &b"\x16\x03\x01\x00\x08not a ClientHello"[..],
         &b"\x80\x2e\x01\x00\x02 an SSLv2 hello"[..],
+        // A close_notify alert before any hello, with more bytes behind it.
+        &b"\x15\x03\x03\x00\x02\x01\x00\x16\x03\x01\x00\x04more"[..],
     ] {
         let (server, mut wire) = pair(32 << 10);
         let mut server = TlsSocket::new(server, &setup.config).unwrap();
@@ -748,7 +750,7 @@ fn garbage_is_an_error_and_a_failed_handshake() {
         assert!(server.poll_read(&mut cx, &mut [0u8; 64]).is_ready());
     }
     let stats = setup.config.stats();
-    assert_eq!(stats.handshakes_failed(), 3);
+    assert_eq!(stats.handshakes_failed(), 4);
     assert_eq!(stats.handshakes_completed(), 0);
     assert_eq!(stats.plain_http(), 0);
 }
