@@ -16,6 +16,19 @@ pub trait Socket {
     ) -> Poll<io::Result<usize>>;
     /// Ends the sending side; the reading side stays open for a lingering close.
     fn shutdown_write(&mut self, cx: &mut Context<'_>);
+
+    /// Pushes out bytes the socket still holds after a write said they were taken (a TLS
+    /// socket's encrypted records); a plain socket holds none.
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// A clean end of the sending side that may have to wait for the socket: TLS sends
+    /// close_notify and flushes it before the FIN. A plain socket just sends its FIN.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shutdown_write(cx);
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The runtime's clock, and a wake-up the task re-arms to the core's next deadline. The

@@ -16,6 +16,7 @@ mod io;
 mod pipe_task;
 mod runtime;
 mod server;
+pub mod tls;
 
 pub use conn::poll_conn;
 pub use io::{sleep_until, Socket, Timer};
