@@ -184,7 +184,7 @@ impl Proxy {
                 "FANPIPE_PROXY_IDLE_TIMEOUT".into(),
                 PROXY_IDLE_TIMEOUT.into(),
             ),
-            ("FANPIPE_PROXY_MAXCONN".into(), "1000".into()),
+            ("FANPIPE_PROXY_MAXCONN".into(), "400".into()),
             ("FANPIPE_CHECK_INTERVAL".into(), "300ms".into()),
             ("FANPIPE_CADDY_ADMIN".into(), "off".into()),
             ("FANPIPE_UPSTREAM".into(), setup.upstreams[0].to_string()),
