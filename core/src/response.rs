@@ -40,7 +40,7 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// An interim response that a live HTTP/1.1 client ignores and a closed socket resets on.
 pub const PROBE: &[u8] = b"HTTP/1.1 102 Processing\r\n\r\n";
 
-/// Written where a chunk-size line is due when a chunked response is cut: a line that is
+/// Written where a chunk-size line is due when a receiver's chunked response is cut: a line that is
 /// no chunk size (it starts with no hex digit, and has no `;` that lenient parsers read
 /// as an empty size, the last chunk). Every client then reports an error, even one that
 /// would take the end of the connection for the end of the response.

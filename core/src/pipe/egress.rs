@@ -89,7 +89,7 @@ impl Pipe {
         party.out_pos += k;
         let mut n = n - k;
         if party.flushed() {
-            if let Some(Hold::Gap { upto, .. } | Hold::End { upto }) = &mut party.hold {
+            if let Some(Hold::Continue { upto, .. } | Hold::End { upto }) = &mut party.hold {
                 *upto = upto.saturating_sub(party.out.len());
             }
             party.out.clear();

@@ -91,10 +91,13 @@ pub struct Summary {
 /// hold the pipe's task.
 pub const READS_PER_TURN: usize = 64;
 
-/// How long a sender's response head waits after its `100 Continue` is written. Both in
-/// one read make some proxies (HAProxy 2.6) end the response after its first line, so
-/// the sender's curl exits 0 with nothing sent.
-pub const CONTINUE_GAP: Duration = Duration::from_millis(50);
+/// How long a sender's response head may wait after its `100 Continue` is written for the
+/// first body byte (see [`Hold::Continue`]) before it is written anyway.
+pub const CONTINUE_HOLD: Duration = Duration::from_secs(1);
+
+/// How many body bytes a waiting sender is read for, to learn that its `100 Continue`
+/// went through (or that it has gone).
+const FIRST_BYTES: usize = 64;
 
 /// Where a party is in its life. Each state holds what only it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +116,10 @@ enum State {
     /// Our last bytes go out, then (if `shutdown`) a shutdown of our side, then a linger
     /// that reads and drops what the client still sends, all by `until`.
     Closing { until: Instant, shutdown: bool },
+    /// Our last bytes go out (by `until`), then a shutdown and the close, with no linger:
+    /// the end of a failed exchange, whose client may still be sending a body it should
+    /// stop sending (the close resets it).
+    Flushing { until: Instant },
     /// The backend drops the socket.
     Closed,
 }
@@ -140,9 +147,11 @@ struct Chunk {
 /// Bytes of a sender's `out` past `upto` that may not be written yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hold {
-    /// The head waits until its `100 Continue` is written (then `until` is set) and
-    /// [`CONTINUE_GAP`] more.
-    Gap { upto: usize, until: Option<Instant> },
+    /// The head waits until the first body byte arrives, which shows that the `100
+    /// Continue` went through on its own: some proxies (HAProxy 2.6) that read both at
+    /// once end the response after its first line, so the sender's curl exits 0 having
+    /// sent nothing. `until`: [`CONTINUE_HOLD`] after the `100 Continue` was written.
+    Continue { upto: usize, until: Option<Instant> },
     /// `report=end`: the head and every line wait for the end of the transfer, which
     /// decides the status.
     End { upto: usize },
@@ -151,7 +160,7 @@ enum Hold {
 impl Hold {
     fn upto(self) -> usize {
         match self {
-            Hold::Gap { upto, .. } | Hold::End { upto } => upto,
+            Hold::Continue { upto, .. } | Hold::End { upto } => upto,
         }
     }
 }
@@ -180,6 +189,17 @@ impl Party {
 
     fn flushed(&self) -> bool {
         self.out_pos == self.out.len()
+    }
+
+    /// A sender whose head waits for its first body byte, after its `100 Continue` is out.
+    fn awaits_first_byte(&self) -> bool {
+        matches!(self.hold, Some(Hold::Continue { until: Some(_), .. }))
+    }
+
+    fn release_continue(&mut self) {
+        if matches!(self.hold, Some(Hold::Continue { .. })) {
+            self.hold = None;
+        }
     }
 }
 
@@ -253,15 +273,17 @@ impl Pipe {
         };
         match role {
             Role::Sender => {
-                if party.request.expect_continue {
+                // A client whose body came with its head is not waiting for the go-ahead.
+                let go_ahead = party.request.expect_continue && leftover.is_empty();
+                if go_ahead {
                     party.out.extend_from_slice(response::CONTINUE);
                 }
                 let upto = party.out.len();
                 match party.request.report.unwrap_or(self.config.sender_report) {
                     Report::Live => {
                         response::sender_head(&mut party.out, 200, party.request.minor == 1);
-                        if upto > 0 {
-                            party.hold = Some(Hold::Gap { upto, until: None });
+                        if go_ahead {
+                            party.hold = Some(Hold::Continue { upto, until: None });
                         }
                     }
                     Report::End => party.hold = Some(Hold::End { upto }),
@@ -308,6 +330,10 @@ impl Pipe {
                 *shutdown = false;
                 true
             }
+            State::Flushing { .. } if flushed => {
+                party.state = State::Closed;
+                true
+            }
             _ => false,
         }
     }
@@ -337,12 +363,12 @@ impl Pipe {
             .filter(|p| p.is_open())
             .flat_map(|p| {
                 let gap = match p.hold {
-                    Some(Hold::Gap { until, .. }) => until,
+                    Some(Hold::Continue { until, .. }) => until,
                     _ => None,
                 };
                 let [a, b] = match p.state {
                     State::Waiting { until, probe_at } => [Some(until), probe_at],
-                    State::Closing { until, .. } => [Some(until), None],
+                    State::Closing { until, .. } | State::Flushing { until } => [Some(until), None],
                     State::Sending | State::Receiving(_) | State::Closed => [None, None],
                 };
                 [a, b, gap]
@@ -355,13 +381,13 @@ impl Pipe {
     pub fn handle_timeout(&mut self, now: Instant) {
         for p in 0..self.parties.len() {
             let party = &mut self.parties[p];
-            if let Some(Hold::Gap { until: Some(t), .. }) = party.hold {
+            if let Some(Hold::Continue { until: Some(t), .. }) = party.hold {
                 if t <= now {
                     party.hold = None;
                 }
             }
             match party.state {
-                State::Closing { until, .. } if until <= now => {
+                State::Closing { until, .. } | State::Flushing { until } if until <= now => {
                     self.parties[p].state = State::Closed;
                 }
                 State::Waiting { until, .. } if until <= now => {
@@ -406,6 +432,10 @@ impl Pipe {
         let party = self.parties.get(p)?;
         let drain = match (party.role, party.state) {
             (Role::Sender, State::Sending) => return self.sender_buf(),
+            (Role::Sender, State::Waiting { .. }) if party.awaits_first_byte() => {
+                self.scratch.resize(FIRST_BYTES, 0);
+                return Some(&mut self.scratch[..FIRST_BYTES]);
+            }
             // What a receiver or a closing party sends is read to see its end, and dropped.
             (Role::Receiver, State::Waiting { .. } | State::Receiving(_))
             | (_, State::Closing { .. }) => !party.eof,
@@ -424,7 +454,22 @@ impl Pipe {
             return;
         };
         match (party.role, party.state) {
-            (Role::Sender, State::Sending) => self.sender_read(n, now),
+            (Role::Sender, State::Sending) => {
+                if n > 0 {
+                    party.release_continue();
+                }
+                self.sender_read(n, now);
+            }
+            (Role::Sender, State::Waiting { .. }) if party.awaits_first_byte() => {
+                if n == 0 {
+                    // It ended its side before its body: it has gone.
+                    self.handle_error(p, now);
+                } else {
+                    party.release_continue();
+                    let n = n.min(FIRST_BYTES);
+                    self.leftover.extend_from_slice(&self.scratch[..n]);
+                }
+            }
             (_, State::Closing { .. }) if n == 0 => party.state = State::Closed,
             (Role::Receiver, State::Waiting { until, .. }) if n == 0 => {
                 party.eof = true;
@@ -447,11 +492,11 @@ impl Pipe {
         }
         self.advance(p, n);
         if let Some(party) = self.parties.get_mut(p) {
-            if let Some(Hold::Gap { upto, until: None }) = party.hold {
+            if let Some(Hold::Continue { upto, until: None }) = party.hold {
                 if party.out_pos >= upto {
-                    party.hold = Some(Hold::Gap {
+                    party.hold = Some(Hold::Continue {
                         upto,
-                        until: Some(now + CONTINUE_GAP),
+                        until: Some(now + CONTINUE_HOLD),
                     });
                 }
             }
@@ -483,7 +528,7 @@ impl Pipe {
                 self.check_end(now);
             }
             (_, State::Sending) => self.fail(Outcome::SenderGone, now),
-            (_, State::Closing { .. } | State::Closed) => {}
+            (_, State::Closing { .. } | State::Flushing { .. } | State::Closed) => {}
         }
     }
 
@@ -529,8 +574,10 @@ impl Pipe {
             ));
             self.conclude(p, why.status(), false);
             self.sender = None;
+            self.flush_and_close(p, now);
+        } else {
+            self.close_politely(p, now);
         }
-        self.close_politely(p, now);
     }
 
     /// No byte moved for the idle timeout: receivers that hold the others back by not
@@ -681,7 +728,10 @@ impl Pipe {
     }
 
     /// Ends the sender's response: its head now if it was held to the end (`status` tells
-    /// the outcome), then the last chunk if the transfer is `complete`, else a cut.
+    /// the outcome), then the last chunk if the transfer is `complete`. Otherwise the
+    /// response stops after its `[ERROR]` line, short of its last chunk: no `!transfer
+    /// cut` line here, since a proxy that meets one drops what came in the same read,
+    /// and that is the line the sender most needs to see.
     fn conclude(&mut self, s: PartyId, status: u16, complete: bool) {
         let party = &mut self.parties[s];
         let chunked = party.request.minor == 1;
@@ -691,10 +741,17 @@ impl Pipe {
             party.out.splice(upto..upto, head);
             party.hold = None;
         }
-        if chunked {
-            party
-                .out
-                .extend_from_slice(if complete { LAST_CHUNK } else { response::CUT });
+        if chunked && complete {
+            party.out.extend_from_slice(LAST_CHUNK);
+        }
+    }
+
+    /// Closes once the queued bytes are written (within the write timeout), with no linger.
+    fn flush_and_close(&mut self, p: PartyId, now: Instant) {
+        if let Some(party) = self.parties.get_mut(p) {
+            party.state = State::Flushing {
+                until: now + self.config.write_timeout,
+            };
         }
     }
 
@@ -750,10 +807,7 @@ impl Pipe {
                 // every client; within a chunk or a length, the close short of it does.
                 Some(c) if c.data_left == 0 && c.crlf_left == 0 && !c.last_queued => {
                     party.out.extend_from_slice(response::CUT);
-                    State::Closing {
-                        until: linger,
-                        shutdown: true,
-                    }
+                    State::Flushing { until: linger }
                 }
                 _ => State::Closed,
             };
@@ -791,8 +845,13 @@ impl Pipe {
             if outcome == Outcome::SenderGone {
                 self.parties[s].state = State::Closed;
             } else {
-                self.conclude(s, outcome.sender_status(), outcome == Outcome::Complete);
-                self.close_politely(s, now);
+                let complete = outcome == Outcome::Complete;
+                self.conclude(s, outcome.sender_status(), complete);
+                if complete {
+                    self.close_politely(s, now);
+                } else {
+                    self.flush_and_close(s, now);
+                }
             }
         }
         self.events.push_back(Event::Finished(Summary {
