@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use fanpipe_core::pipe::PeerState;
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::registry::{shard_of, PipeId};
 use fanpipe_core::request::Route;
@@ -348,6 +349,10 @@ fn fd(stream: &TcpStream) -> BorrowedFd<'_> {
 struct Party(TcpStream);
 
 impl Socket for Party {
+    fn peer_state(&self) -> PeerState {
+        fanpipe_sys::peer_state(&self.0)
+    }
+
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }

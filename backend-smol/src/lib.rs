@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_executor::Executor;
 use async_io::{Async, Timer};
+use fanpipe_core::pipe::PeerState;
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::Config;
 use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket};
@@ -144,6 +145,10 @@ pub fn run(
 struct Party(Async<TcpStream>);
 
 impl Socket for Party {
+    fn peer_state(&self) -> PeerState {
+        fanpipe_sys::peer_state(&self.0)
+    }
+
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use fanpipe_core::pipe::PeerState;
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::Config;
 use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket, Timer};
@@ -131,6 +132,10 @@ async fn stop_signal() {
 struct Party(TcpStream);
 
 impl Socket for Party {
+    fn peer_state(&self) -> PeerState {
+        fanpipe_sys::peer_state(&self.0)
+    }
+
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let mut rb = ReadBuf::new(buf);
         Pin::new(&mut self.0)

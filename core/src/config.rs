@@ -31,6 +31,9 @@ pub struct Config {
     /// has gone, and keeps proxies from timing out a silent response (many cut a response
     /// that is silent for 30 s or 60 s).
     pub heartbeat_interval: Duration,
+    /// How often the kernel is asked whether a waiting sender (which is not read) is still
+    /// there: a sender that goes away frees its name this soon.
+    pub peer_check_interval: Duration,
     /// How long a party may wait for its pipe to fill.
     pub wait_timeout: Duration,
     /// How long a running transfer may move no byte before its stalled parties are dropped.
@@ -57,6 +60,7 @@ impl Default for Config {
             linger_timeout: Duration::from_secs(2),
             probe_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(20),
+            peer_check_interval: Duration::from_millis(50),
             wait_timeout: Duration::from_secs(3600),
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,

@@ -5,6 +5,8 @@ use std::io::{self, IoSlice};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use fanpipe_core::pipe::PeerState;
+
 /// A client's socket, as the runtime offers it.
 pub trait Socket {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
@@ -21,6 +23,13 @@ pub trait Socket {
     /// socket's encrypted records); a plain socket holds none.
     fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+
+    /// What the kernel says of the client's side of the connection, for a waiting
+    /// sender, which is not read. A socket that cannot tell says `Open`: its client is
+    /// then found gone by a heartbeat write instead.
+    fn peer_state(&self) -> PeerState {
+        PeerState::Open
     }
 
     /// A clean end of the sending side that may have to wait for the socket: TLS sends

@@ -118,6 +118,10 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
             return true;
         }
         let mut moved = false;
+        if self.pipe.take_check(p) {
+            self.pipe.handle_peer(p, sock.peer_state(), now);
+            moved = true;
+        }
         if self.pipe.take_shutdown(p) {
             sock.shutdown_write(cx);
             moved = true;

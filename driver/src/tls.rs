@@ -53,6 +53,8 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{InconsistentKeys, ServerConfig, ServerConnection};
 
+use fanpipe_core::pipe::PeerState;
+
 use crate::Socket;
 
 #[cfg(test)]
@@ -655,6 +657,11 @@ impl<S: Socket> Socket for TlsSocket<S> {
     }
 
     /// close_notify, flushed, then the inner socket's own shutdown (the FIN).
+    /// The TCP connection's: TLS adds no state of its own to a client's leaving.
+    fn peer_state(&self) -> PeerState {
+        self.inner.peer_state()
+    }
+
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.session.closing {
             self.session.closing = true;
@@ -724,6 +731,13 @@ impl<S: Socket> Socket for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s.poll_shutdown(cx),
             MaybeTls::Tls(s) => s.poll_shutdown(cx),
+        }
+    }
+
+    fn peer_state(&self) -> PeerState {
+        match self {
+            MaybeTls::Plain(s) => s.peer_state(),
+            MaybeTls::Tls(s) => s.peer_state(),
         }
     }
 }

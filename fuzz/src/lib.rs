@@ -538,6 +538,9 @@ pub mod world {
         LastCr,
         LastLf,
         Done,
+        /// The server's mark of a cut (`!transfer cut` where a chunk size was due): not
+        /// whole, and not a framing error.
+        Cut,
         Broken,
     }
 
@@ -593,7 +596,7 @@ pub mod world {
                         ));
                         return;
                     }
-                    PState::Broken => return,
+                    PState::Broken | PState::Cut => return,
                     s => {
                         let b = bytes[0];
                         bytes = &bytes[1..];
@@ -604,6 +607,7 @@ pub mod world {
                                     d + 1,
                                 )
                             }
+                            (PState::Size(0, 0), b'!') => PState::Cut,
                             (PState::Size(v, d), b'\r') if d > 0 => PState::SizeLf(v),
                             (PState::SizeLf(0), b'\n') => PState::LastCr,
                             (PState::SizeLf(v), b'\n') => PState::Data(v),
@@ -1497,10 +1501,11 @@ pub mod world {
                 }
             }
             for (s, slot) in self.slots.iter().enumerate() {
-                // The sender's bytes are not read before the transfer starts.
+                // The sender's bytes are not read before the transfer starts, but for the
+                // first few after a `100 Continue` (at most 64), which release its head.
                 if let Some((sc, _)) = slot.started {
                     let at_join = self.clients[sc].sent_at_join;
-                    if slot.sender_sent_at_start != at_join {
+                    if slot.sender_sent_at_start > at_join + 64 {
                         v.push(format!(
                             "pipe {s}: sender {sc} was read from {at_join} to {} bytes before the start",
                             slot.sender_sent_at_start

@@ -108,6 +108,7 @@ enum State {
     Waiting {
         until: Instant,
         probe_at: Option<Instant>,
+        check: Check,
     },
     /// The sender during the transfer: its body is read.
     Sending,
@@ -123,6 +124,34 @@ enum State {
     /// The backend drops the socket.
     Closed,
 }
+
+/// When to ask the kernel whether a waiting sender is still there: it is not read, so
+/// its end of the connection shows only in the socket's TCP state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Not asked (receivers are read instead).
+    Off,
+    /// Ask at `at`. `probed`: a write went to it after its side was seen closed, so a
+    /// reset from a client that has gone is on its way.
+    At { at: Instant, probed: bool },
+    /// Ask now ([`Pipe::take_check`]).
+    Due { probed: bool },
+}
+
+/// What the kernel says of a client's side of a connection ([`Pipe::handle_peer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// Still open.
+    Open,
+    /// The client ended its side (a FIN): gone, or only half-closed.
+    Closed,
+    /// The connection was reset, or failed: the client has gone.
+    Reset,
+}
+
+/// How soon a waiting party is written to again after its side was seen closed: on a
+/// client that has gone, the first write draws a reset and the next one fails.
+const REPROBE: Duration = Duration::from_millis(10);
 
 /// A receiver's place in the transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,14 +286,23 @@ impl Pipe {
     pub fn join(&mut self, pipe_request: PipeRequest, role: Role, now: Instant) -> PartyId {
         let id = self.parties.len();
         let PipeRequest { request, leftover } = pipe_request;
-        // A waiting sender is not read, so only a write finds out that it has gone.
-        let probe_at = (role == Role::Sender).then(|| now + self.config.heartbeat_interval);
+        // A waiting sender is not read: its heartbeat and its socket's state tell whether it
+        // has gone.
+        let sender = role == Role::Sender;
         let mut party = Party {
             role,
             request,
             state: State::Waiting {
                 until: now + self.config.wait_timeout,
-                probe_at,
+                probe_at: sender.then(|| now + self.config.heartbeat_interval),
+                check: if sender {
+                    Check::At {
+                        at: now + self.config.peer_check_interval,
+                        probed: false,
+                    }
+                } else {
+                    Check::Off
+                },
             },
             out: Vec::new(),
             out_pos: 0,
@@ -338,6 +376,53 @@ impl Pipe {
         }
     }
 
+    /// Whether the backend should ask the kernel about this party's side of its
+    /// connection now, and report it with [`Pipe::handle_peer`].
+    pub fn take_check(&self, p: PartyId) -> bool {
+        self.parties.get(p).is_some_and(|x| {
+            matches!(
+                x.state,
+                State::Waiting {
+                    check: Check::Due { .. },
+                    ..
+                }
+            )
+        })
+    }
+
+    /// What the kernel says of a waiting sender's side of its connection. A reset frees
+    /// its place at once; a FIN draws a heartbeat line, since a half-closed sender may
+    /// still read its answer while one that has gone answers the write with a reset.
+    pub fn handle_peer(&mut self, p: PartyId, peer: PeerState, now: Instant) {
+        let Some(party) = self.parties.get_mut(p) else {
+            return;
+        };
+        let State::Waiting {
+            until,
+            check: Check::Due { probed },
+            ..
+        } = party.state
+        else {
+            return;
+        };
+        let writable = party.hold.is_none();
+        let (next, probed) = match peer {
+            PeerState::Reset => return self.handle_error(p, now),
+            PeerState::Open => (self.config.peer_check_interval, false),
+            PeerState::Closed if !probed && writable => {
+                self.probe(p, until, now, None);
+                (REPROBE, true)
+            }
+            PeerState::Closed => (self.config.peer_check_interval, probed),
+        };
+        if let State::Waiting { check, .. } = &mut self.parties[p].state {
+            *check = Check::At {
+                at: now + next,
+                probed,
+            };
+        }
+    }
+
     /// Whether every party is closed: the owner of this pipe may end.
     pub fn is_idle(&self) -> bool {
         self.parties.iter().all(|p| !p.is_open())
@@ -366,12 +451,25 @@ impl Pipe {
                     Some(Hold::Continue { until, .. }) => until,
                     _ => None,
                 };
-                let [a, b] = match p.state {
-                    State::Waiting { until, probe_at } => [Some(until), probe_at],
-                    State::Closing { until, .. } | State::Flushing { until } => [Some(until), None],
-                    State::Sending | State::Receiving(_) | State::Closed => [None, None],
+                let [a, b, c] = match p.state {
+                    State::Waiting {
+                        until,
+                        probe_at,
+                        check,
+                    } => [
+                        Some(until),
+                        probe_at,
+                        match check {
+                            Check::At { at, .. } => Some(at),
+                            Check::Off | Check::Due { .. } => None,
+                        },
+                    ],
+                    State::Closing { until, .. } | State::Flushing { until } => {
+                        [Some(until), None, None]
+                    }
+                    State::Sending | State::Receiving(_) | State::Closed => [None, None, None],
                 };
-                [a, b, gap]
+                [a, b, c, gap]
             })
             .flatten()
             .chain(idle)
@@ -397,8 +495,16 @@ impl Pipe {
                 State::Waiting {
                     until,
                     probe_at: Some(at),
-                } if at <= now => self.probe(p, until, now),
+                    ..
+                } if at <= now => self.probe(p, until, now, None),
                 _ => {}
+            }
+            if let State::Waiting { check, .. } = &mut self.parties[p].state {
+                if let Check::At { at, probed } = *check {
+                    if at <= now {
+                        *check = Check::Due { probed };
+                    }
+                }
             }
         }
         if let (Stage::Running { .. }, Some(last)) = (self.stage, self.last_progress) {
@@ -475,7 +581,7 @@ impl Pipe {
                 party.eof = true;
                 if party.request.minor == 1 {
                     // A half-close or a close? Only a write can tell: probe until it fails.
-                    self.probe(p, until, now);
+                    self.probe(p, until, now, Some(REPROBE));
                 } else {
                     self.handle_error(p, now);
                 }
@@ -533,21 +639,27 @@ impl Pipe {
     }
 
     /// Writes to a waiting party: a receiver gets a probe, a sender a heartbeat line.
-    /// A write to a client that has gone fails, and that frees its place.
-    fn probe(&mut self, p: PartyId, until: Instant, now: Instant) {
+    /// A write to a client that has gone fails, and that frees its place. `next`: how
+    /// soon to probe again, if sooner than usual.
+    fn probe(&mut self, p: PartyId, until: Instant, now: Instant, next: Option<Duration>) {
         let party = &mut self.parties[p];
+        let State::Waiting { check, .. } = party.state else {
+            return;
+        };
         match party.role {
             Role::Receiver => {
                 party.out.extend_from_slice(response::PROBE);
                 party.state = State::Waiting {
                     until,
-                    probe_at: Some(now + self.config.probe_interval),
+                    probe_at: Some(now + next.unwrap_or(self.config.probe_interval)),
+                    check,
                 };
             }
             Role::Sender => {
                 party.state = State::Waiting {
                     until,
-                    probe_at: Some(now + self.config.heartbeat_interval),
+                    probe_at: Some(now + next.unwrap_or(self.config.heartbeat_interval)),
+                    check,
                 };
                 let here = self.waiting_receivers();
                 self.say(&format!(

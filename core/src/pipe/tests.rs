@@ -244,7 +244,7 @@ fn waiting_past_the_wait_timeout_tells_everyone_and_frees_the_places() {
     let s = sim.sender(3, b"abc", false);
     sim.run(&[]);
     let due = sim.pipe.poll_timeout().unwrap();
-    assert_eq!(due, sim.now + Config::default().heartbeat_interval);
+    assert_eq!(due, sim.now + Config::default().peer_check_interval);
     later(&mut sim, 30);
     assert!(sim
         .text(s)
@@ -511,7 +511,6 @@ fn expect_continue_is_answered_before_the_progress_response() {
     // On its own: a proxy must not read it together with the head. The head follows the
     // first body byte, the proof that the go-ahead went through.
     assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
-    assert_eq!(sim.pipe.poll_timeout(), Some(sim.now + CONTINUE_HOLD));
     sim.clients[s].input = b"x".to_vec();
     sim.run(&[]);
     assert!(sim
@@ -530,7 +529,11 @@ fn a_sender_silent_after_its_go_ahead_gets_its_head_after_a_while() {
         sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
     sim.run(&[]);
     assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
-    sim.now += CONTINUE_HOLD;
+    sim.now += CONTINUE_HOLD / 2;
+    sim.pipe.handle_timeout(sim.now);
+    sim.run(&[]);
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    sim.now += CONTINUE_HOLD / 2;
     sim.pipe.handle_timeout(sim.now);
     sim.run(&[]);
     assert!(sim.text(s).contains("HTTP/1.1 200 OK\r\n"));
@@ -639,4 +642,70 @@ fn the_server_default_report_applies_when_the_sender_does_not_say() {
     let mut pipe = Pipe::new("y", 1, &config);
     let s = pipe.join(req, role, Instant::now());
     assert!(pipe.write_slices(s).total() > 0);
+}
+
+/// Advances the clock to the pipe's next deadline and handles it.
+fn to_next_deadline(sim: &mut Sim) {
+    sim.now = sim.pipe.poll_timeout().unwrap();
+    sim.pipe.handle_timeout(sim.now);
+}
+
+#[test]
+fn a_waiting_sender_whose_connection_was_reset_frees_its_name_at_the_next_check() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let t0 = sim.now;
+    let s = sim.sender(1, b"abc", false);
+    sim.run(&[]);
+    assert!(!sim.pipe.take_check(s));
+    to_next_deadline(&mut sim);
+    assert_eq!(sim.now - t0, Config::default().peer_check_interval);
+    assert!(sim.pipe.take_check(s));
+    sim.pipe.handle_peer(s, PeerState::Open, sim.now);
+    assert!(!sim.pipe.take_check(s), "asked once per check");
+    to_next_deadline(&mut sim);
+    assert!(sim.pipe.take_check(s));
+    sim.pipe.handle_peer(s, PeerState::Reset, sim.now);
+    assert_eq!(sim.pipe.poll_event(), Some(Event::Left(Role::Sender)));
+    assert!(sim.pipe.is_closed(s));
+}
+
+#[test]
+fn a_waiting_sender_that_ended_its_side_is_written_to_once_and_kept_if_it_reads() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let s = sim.sender(1, b"abc", false);
+    sim.run(&[]);
+    let before = sim.text(s).len();
+    to_next_deadline(&mut sim);
+    assert!(sim.pipe.take_check(s));
+    sim.pipe.handle_peer(s, PeerState::Closed, sim.now);
+    sim.run(&[]);
+    assert!(
+        sim.text(s)[before..].contains("[INFO] still waiting: 0 of 1 receivers here"),
+        "a FIN draws a write"
+    );
+    // Half-closed but still there: the write drew no reset. No more lines for it.
+    let after = sim.text(s).len();
+    for _ in 0..5 {
+        to_next_deadline(&mut sim);
+        if sim.pipe.take_check(s) {
+            sim.pipe.handle_peer(s, PeerState::Closed, sim.now);
+        }
+        sim.run(&[]);
+    }
+    assert_eq!(sim.text(s).len(), after);
+    assert!(!sim.pipe.is_closed(s));
+    // Its receiver comes: the transfer runs.
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), b"abc");
+}
+
+#[test]
+fn a_waiting_receiver_that_closed_is_written_to_again_soon() {
+    let mut sim = Sim::new(2, 4096, 1000);
+    let r = sim.receiver(2);
+    sim.clients[r].shut = true;
+    sim.run(&[]);
+    assert!(sim.text(r).starts_with("HTTP/1.1 102 Processing\r\n\r\n"));
+    assert_eq!(sim.pipe.poll_timeout(), Some(sim.now + REPROBE));
 }
