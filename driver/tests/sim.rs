@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use fanpipe_core::request::Role;
 use fanpipe_core::Config;
-use targets::world::{Plan, Spec, World, NAMES};
+use targets::world::{Plan, Spec, Stage, World, NAMES};
 use targets::Rng;
 
 /// How a client behaves during the script.
@@ -326,4 +326,19 @@ fn a_sender_slow_to_read_still_gets_its_summary() {
         String::from_utf8_lossy(&w.client(s).got)
     );
     assert!(lines.last().unwrap().starts_with("[INFO] done: "));
+}
+
+/// Out of descriptors, say: a failed accept is retried after a short backoff, not in a
+/// busy loop, and the connection is served then.
+#[test]
+fn a_failed_accept_is_retried_after_the_backoff() {
+    let mut w = World::new(Config::default());
+    w.fail_accepts(1);
+    let r = w.add(&plain(Role::Receiver, 1, 0));
+    arrive(&mut w, r, true);
+    assert_eq!(w.client(r).stage, Stage::Queued);
+    w.advance(fanpipe_driver::ACCEPT_BACKOFF - Duration::from_millis(1));
+    assert_eq!(w.client(r).stage, Stage::Queued);
+    w.advance(Duration::from_millis(1));
+    assert!(matches!(w.client(r).stage, Stage::Party(_)));
 }
