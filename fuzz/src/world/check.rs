@@ -242,8 +242,9 @@ impl World {
                 .and_then(|v| v.parse::<usize>().ok())
         };
         let (waiting, running) = (gauge("waiting"), gauge("running"));
+        // (Unless the server exited: a pipe cut then is gone with the process.)
         let all_closed = net.clients.iter().all(|c| c.closed_by_server);
-        if all_closed && (waiting, running) != (Some(0), Some(0)) {
+        if all_closed && !self.exited && (waiting, running) != (Some(0), Some(0)) {
             v.push(format!(
                 "the registry still holds {waiting:?} waiting and {running:?} running pipes"
             ));
