@@ -195,6 +195,21 @@ mod tests {
     const GET: &str = "GET /x?n=1 HTTP/1.1\r\nHost: h\r\n\r\n";
 
     #[test]
+    fn a_new_pipe_is_started_with_the_parameters_of_its_request() {
+        let mut hub: Hub<PipeParams> = Hub::new(&Config::default());
+        let get = "GET /a%20b?n=3 HTTP/1.1\r\nHost: h\r\n\r\n";
+        let admitted = hub.admit(&request(get), |p| p).unwrap();
+        let expected = PipeParams {
+            name: "a b".into(),
+            n: 3,
+            id: admitted.id,
+        };
+        assert_eq!(admitted.handle, &expected);
+        let again = hub.admit(&request(get), |_| unreachable!()).unwrap();
+        assert!(!again.new, "a second party joins the same pipe");
+    }
+
+    #[test]
     fn a_shutdown_with_no_pipe_is_done_after_the_last_words() {
         let t0 = Instant::now();
         let mut hub: Hub<()> = Hub::new(&Config::default());

@@ -46,6 +46,11 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
         self.params.id
     }
 
+    /// What the pipe was opened with.
+    pub fn params(&self) -> &PipeParams {
+        &self.params
+    }
+
     /// [`PipeTask::drive`], reporting the pipe's events to the server's hub.
     pub fn run<H>(
         &mut self,

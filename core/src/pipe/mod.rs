@@ -366,6 +366,10 @@ impl Pipe {
         match &mut party.state {
             State::Closing { shutdown, .. } if *shutdown && flushed => {
                 *shutdown = false;
+                if party.eof {
+                    // Nothing is left to linger for.
+                    party.state = State::Closed;
+                }
                 true
             }
             State::Flushing { .. } if flushed => {
@@ -576,7 +580,14 @@ impl Pipe {
                     self.leftover.extend_from_slice(&self.scratch[..n]);
                 }
             }
-            (_, State::Closing { .. }) if n == 0 => party.state = State::Closed,
+            (_, State::Closing { shutdown, .. }) if n == 0 => {
+                // The client is done sending, not reading: it closes once our last bytes
+                // are out (or the deadline passes), not before.
+                party.eof = true;
+                if party.flushed() && !shutdown {
+                    party.state = State::Closed;
+                }
+            }
             (Role::Receiver, State::Waiting { until, .. }) if n == 0 => {
                 party.eof = true;
                 if party.request.minor == 1 {

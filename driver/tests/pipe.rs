@@ -1,0 +1,758 @@
+//! One pipe's task (`PipeTask`) driven on in-memory sockets and a virtual clock: the
+//! bytes each party gets, the sender's progress lines and summary, the timeouts and the
+//! probing, as a backend runs them.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use fanpipe_core::chunked::BodyDecoder;
+use fanpipe_core::conn::{Action, Conn, PipeRequest};
+use fanpipe_core::hub::{Phase, PipeParams};
+use fanpipe_core::metrics::Connections;
+use fanpipe_core::pipe::{Event, Outcome, Summary};
+use fanpipe_core::request::{Framing, Role};
+use fanpipe_core::Config;
+use fanpipe_driver::{Msg, PipeTask, ServerState, Socket, Timer};
+
+/// A scripted client: the bytes it will send, and what it got back.
+#[derive(Default)]
+struct Client {
+    input: Vec<u8>,
+    sent: usize,
+    got: Vec<u8>,
+    /// Its socket was dropped by the task.
+    closed: bool,
+    /// The task shut down its write side.
+    shut: bool,
+    /// It half-closed after its input (it also does once the server shut down).
+    eof: bool,
+    /// It reset the connection.
+    dead: bool,
+    /// It reads nothing now.
+    stuck: bool,
+    /// Response bytes it will still read.
+    window: usize,
+    /// Reads the task made of its socket.
+    reads: usize,
+}
+
+/// The clients' side of the sockets, and the clock.
+struct Net {
+    now: Instant,
+    clients: Vec<Client>,
+    /// Most bytes a read or a write moves.
+    piece: usize,
+    /// Every other read of a socket finds no data, as between packets.
+    lazy: bool,
+    /// The deadline the task last asked its timer for.
+    deadline: Option<Instant>,
+    progress: u64,
+}
+
+struct Mem {
+    net: Rc<RefCell<Net>>,
+    c: usize,
+}
+
+impl Socket for Mem {
+    fn poll_read(&mut self, _: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut net = self.net.borrow_mut();
+        let (piece, lazy) = (net.piece, net.lazy);
+        let c = &mut net.clients[self.c];
+        c.reads += 1;
+        let ready = c.dead || c.eof || c.sent < c.input.len();
+        if lazy && c.reads.is_multiple_of(2) && ready {
+            // Not now: the next turn finds it.
+            net.progress += 1;
+            return Poll::Pending;
+        }
+        if c.dead {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
+        let k = buf.len().min(piece).min(c.input.len() - c.sent);
+        if k == 0 && !c.eof {
+            return Poll::Pending;
+        }
+        buf[..k].copy_from_slice(&c.input[c.sent..c.sent + k]);
+        c.sent += k;
+        net.progress += 1;
+        Poll::Ready(Ok(k))
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        _: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut net = self.net.borrow_mut();
+        let piece = net.piece;
+        let c = &mut net.clients[self.c];
+        if c.dead {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
+        let mut budget = piece.min(c.window);
+        if c.stuck || budget == 0 {
+            return Poll::Pending;
+        }
+        let mut wrote = 0;
+        for b in bufs {
+            let k = b.len().min(budget);
+            c.got.extend_from_slice(&b[..k]);
+            budget -= k;
+            wrote += k;
+        }
+        c.window -= wrote;
+        net.progress += 1;
+        Poll::Ready(Ok(wrote))
+    }
+
+    fn shutdown_write(&mut self, _: &mut Context<'_>) {
+        let mut net = self.net.borrow_mut();
+        let c = &mut net.clients[self.c];
+        c.shut = true;
+        // The client reads the end of its response and closes its side too.
+        c.eof = true;
+        net.progress += 1;
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        let mut net = self.net.borrow_mut();
+        net.clients[self.c].closed = true;
+        net.progress += 1;
+    }
+}
+
+struct Clock(Rc<RefCell<Net>>);
+
+impl Timer for Clock {
+    fn now(&self) -> Instant {
+        self.0.borrow().now
+    }
+
+    fn poll_at(&mut self, _: &mut Context<'_>, at: Instant) -> Poll<()> {
+        let mut net = self.0.borrow_mut();
+        if at <= net.now {
+            return Poll::Ready(());
+        }
+        net.deadline = Some(at);
+        Poll::Pending
+    }
+}
+
+/// A pipe's task with in-memory clients.
+struct Sim {
+    net: Rc<RefCell<Net>>,
+    task: PipeTask<Mem, Clock>,
+    mailbox: VecDeque<Msg<Mem>>,
+    events: Vec<Event>,
+    /// Keeps the connection counts the parties hold.
+    connections: Connections,
+}
+
+fn request(raw: &[u8]) -> PipeRequest {
+    let mut c = Conn::with_bytes(&Config::default(), raw, Instant::now());
+    assert_eq!(
+        c.poll_action(),
+        Action::Pipe,
+        "{}",
+        String::from_utf8_lossy(raw)
+    );
+    c.take_pipe_request().unwrap()
+}
+
+impl Sim {
+    fn new(n: usize, buffer: usize, piece: usize) -> Self {
+        let config = Config {
+            buffer_size: buffer,
+            ..Config::default()
+        };
+        let net = Rc::new(RefCell::new(Net {
+            now: Instant::now(),
+            clients: Vec::new(),
+            piece,
+            lazy: false,
+            deadline: None,
+            progress: 0,
+        }));
+        let params = PipeParams {
+            name: "x".into(),
+            n,
+            id: 1,
+        };
+        Sim {
+            task: PipeTask::new(params, &config, Clock(net.clone())),
+            net,
+            mailbox: VecDeque::new(),
+            events: Vec::new(),
+            connections: Connections::default(),
+        }
+    }
+
+    /// A client sends its whole request; its head goes through a `Conn` first, and the
+    /// pipe gets it as admitted (the bytes after the head stay in its socket).
+    fn join(&mut self, raw: impl AsRef<[u8]>) -> usize {
+        let raw = raw.as_ref();
+        let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let req = request(&raw[..head_end]);
+        let mut net = self.net.borrow_mut();
+        let c = net.clients.len();
+        net.clients.push(Client {
+            input: raw[head_end..].to_vec(),
+            window: usize::MAX,
+            ..Client::default()
+        });
+        drop(net);
+        let sock = Mem {
+            net: self.net.clone(),
+            c,
+        };
+        let (open, _) = self.connections.open(usize::MAX);
+        self.mailbox
+            .push_back(Msg::Arrival(Box::new((sock, req, open))));
+        c
+    }
+
+    fn sender(&mut self, n: usize, body: &[u8], chunked: bool) -> usize {
+        let mut raw = if chunked {
+            format!("PUT /x?n={n} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .into_bytes()
+        } else {
+            format!(
+                "PUT /x?n={n} HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes()
+        };
+        if chunked {
+            raw.extend_from_slice(&fanpipe_core::chunked::encode(body, &[1000]));
+        } else {
+            raw.extend_from_slice(body);
+        }
+        self.join(raw)
+    }
+
+    fn receiver(&mut self, n: usize) -> usize {
+        self.join(format!("GET /x?n={n} HTTP/1.1\r\nHost: h\r\n\r\n"))
+    }
+
+    /// The server's shutdown reached `phase`.
+    fn phase(&mut self, phase: Phase) {
+        self.mailbox.push_back(Msg::Phase(phase));
+    }
+
+    /// Drives the task until nothing moves; `stuck` clients read nothing meanwhile.
+    fn run(&mut self, stuck: &[usize]) {
+        for (c, client) in self.net.borrow_mut().clients.iter_mut().enumerate() {
+            client.stuck = stuck.contains(&c);
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..1_000_000 {
+            let before = self.net.borrow().progress + self.mailbox.len() as u64;
+            let events = &mut self.events;
+            let mailbox = &mut self.mailbox;
+            let polled = self.task.drive(
+                &mut cx,
+                |_| match mailbox.pop_front() {
+                    Some(msg) => Poll::Ready(Some(msg)),
+                    None => Poll::Pending,
+                },
+                |_, _, event| {
+                    events.push(event);
+                    false
+                },
+            );
+            assert!(polled.is_pending(), "the registry never lets this pipe go");
+            if self.net.borrow().progress + self.mailbox.len() as u64 == before {
+                return;
+            }
+        }
+        panic!("no quiescence");
+    }
+
+    /// Time passes; what falls due is done.
+    fn later(&mut self, secs: u64) {
+        self.net.borrow_mut().now += Duration::from_secs(secs);
+        self.run(&[]);
+    }
+
+    fn now(&self) -> Instant {
+        self.net.borrow().now
+    }
+
+    fn client<T>(&self, c: usize, f: impl FnOnce(&Client) -> T) -> T {
+        f(&self.net.borrow().clients[c])
+    }
+
+    fn closed(&self, c: usize) -> bool {
+        self.client(c, |c| c.closed)
+    }
+
+    fn body_of(&self, c: usize) -> Vec<u8> {
+        self.client(c, |c| {
+            let got = &c.got;
+            let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let head = String::from_utf8_lossy(&got[..at]);
+            if head.contains("chunked") {
+                decode_chunked(&got[at..])
+            } else {
+                got[at..].to_vec()
+            }
+        })
+    }
+
+    fn text(&self, c: usize) -> String {
+        self.client(c, |c| String::from_utf8_lossy(&c.got).into_owned())
+    }
+
+    fn summary(&self) -> &Summary {
+        self.events
+            .iter()
+            .find_map(|e| match e {
+                Event::Finished(s) => Some(s),
+                _ => None,
+            })
+            .unwrap()
+    }
+}
+
+/// The data of a whole chunked body.
+fn decode_chunked(mut wire: &[u8]) -> Vec<u8> {
+    let mut d = BodyDecoder::new(Framing::Chunked);
+    let mut out = Vec::new();
+    while !d.is_done() {
+        let step = d.decode(wire).expect("well-formed chunks");
+        out.extend_from_slice(&wire[step.data.clone()]);
+        assert!(step.consumed > 0 || d.is_done(), "a cut chunked body");
+        wire = &wire[step.consumed..];
+    }
+    out
+}
+
+fn body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[test]
+fn every_receiver_gets_every_byte_in_any_arrival_order() {
+    for chunked in [false, true] {
+        for piece in [1, 100, 5000, 1 << 20] {
+            let data = body(20_000);
+            let mut sim = Sim::new(3, 4096, piece);
+            sim.net.borrow_mut().lazy = piece == 100;
+            let r1 = sim.receiver(3);
+            let s = sim.sender(3, &data, chunked);
+            sim.run(&[]);
+            assert!(sim
+                .text(s)
+                .contains("[INFO] waiting for 3 receiver(s), 1 here"));
+            let r2 = sim.receiver(3);
+            let r3 = sim.receiver(3);
+            sim.run(&[]);
+            for r in [r1, r2, r3] {
+                assert_eq!(sim.body_of(r), data, "chunked={chunked} piece={piece}");
+                assert!(sim.closed(r));
+            }
+            assert_eq!(sim.summary().outcome, Outcome::Complete);
+            let out = sim.text(s);
+            assert!(
+                out.contains("[INFO] done: 20000 bytes to 3 of 3 receivers"),
+                "{out}"
+            );
+            assert!(out.ends_with("0\r\n\r\n"), "{out}");
+        }
+    }
+}
+
+#[test]
+fn one_big_chunk_arriving_after_the_start_reaches_the_receiver() {
+    for piece in [4096, 65536, 100_000] {
+        let data = body(256 * 1024);
+        let mut sim = Sim::new(1, 1 << 20, piece);
+        let r = sim.receiver(1);
+        let s = sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
+        sim.run(&[]);
+        let mut input = format!("{:x}\r\n", data.len()).into_bytes();
+        input.extend_from_slice(&data);
+        input.extend_from_slice(b"\r\n");
+        sim.net.borrow_mut().clients[s].input = input;
+        sim.run(&[]);
+        let got = sim.client(r, |c| c.got.clone());
+        let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let mut d = BodyDecoder::new(Framing::Chunked);
+        let mut wire = &got[at..];
+        let mut data_len = 0;
+        while let Ok(step) = d.decode(wire) {
+            data_len += step.data.len();
+            if step.consumed == 0 {
+                break;
+            }
+            wire = &wire[step.consumed..];
+        }
+        assert_eq!(data_len, data.len(), "piece {piece}");
+    }
+}
+
+#[test]
+fn waiting_past_the_wait_timeout_tells_everyone_and_frees_the_places() {
+    let mut sim = Sim::new(3, 4096, 1000);
+    let r = sim.receiver(3);
+    let s = sim.sender(3, b"abc", false);
+    sim.run(&[]);
+    let due = sim.net.borrow().deadline.unwrap();
+    assert_eq!(due, sim.now() + Config::default().heartbeat_interval);
+    sim.later(30);
+    assert!(sim
+        .text(s)
+        .contains("[INFO] still waiting: 1 of 3 receivers here"));
+    sim.later(Config::default().wait_timeout.as_secs() - 30);
+    assert!(sim.text(r).starts_with("HTTP/1.1 408 "), "{}", sim.text(r));
+    assert!(sim.text(r).contains("no transfer started within 3600 s"));
+    let out = sim.text(s);
+    assert!(
+        out.contains("[ERROR] no transfer started within 3600 s"),
+        "{out}"
+    );
+    assert!(!out.ends_with("0\r\n\r\n"), "the sender's response is cut");
+    let left = sim
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Left(_)))
+        .count();
+    assert_eq!(left, 2);
+    assert!(sim.client(r, |c| c.shut) && sim.client(s, |c| c.shut));
+}
+
+#[test]
+fn a_receiver_that_stops_reading_is_dropped_at_the_idle_timeout() {
+    let data = body(50_000);
+    let mut sim = Sim::new(2, 4096, 1000);
+    let (r1, r2) = (sim.receiver(2), sim.receiver(2));
+    let s = sim.sender(2, &data, false);
+    sim.run(&[r2]);
+    assert!(sim.net.borrow().deadline.is_some());
+    sim.net.borrow_mut().now += Duration::from_secs(300);
+    sim.run(&[r2]);
+    assert_eq!(sim.body_of(r1), data);
+    let out = sim.text(s);
+    assert!(
+        out.contains("[INFO] dropped 1 receiver(s) that read nothing for 300 s"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("[ERROR] 1 of 2 receivers got every byte\n\r\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_sender_that_stops_sending_is_cut_at_the_idle_timeout() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let r = sim.receiver(1);
+    let s = sim.sender(1, &body(10_000), true);
+    sim.net.borrow_mut().clients[s].input.truncate(3_000);
+    sim.run(&[]);
+    sim.later(299);
+    assert!(!sim.closed(r));
+    sim.later(1);
+    assert!(sim.closed(r));
+    assert!(!sim.client(r, |c| c.got.ends_with(b"0\r\n\r\n")));
+    assert!(sim
+        .text(s)
+        .contains("[ERROR] the sender sent nothing for 300 s"));
+    assert_eq!(sim.summary().outcome, Outcome::Stalled);
+}
+
+#[test]
+fn shutdown_lets_waiting_parties_go_and_aborts_running_transfers_after_the_grace() {
+    let mut waiting = Sim::new(2, 4096, 1000);
+    let r = waiting.receiver(2);
+    waiting.phase(Phase::Draining);
+    waiting.run(&[]);
+    assert!(waiting.text(r).starts_with("HTTP/1.1 503 "));
+
+    let mut running = Sim::new(1, 4096, 1000);
+    let r = running.receiver(1);
+    let s = running.sender(1, &body(100_000), false);
+    running.run(&[r]);
+    running.phase(Phase::Draining);
+    running.run(&[r]);
+    assert!(!running.closed(r), "a running transfer goes on");
+    running.phase(Phase::Aborting);
+    running.run(&[]);
+    assert!(running.closed(r));
+    assert!(running
+        .text(s)
+        .ends_with("[ERROR] 0 of 1 receivers got every byte\n\r\n"));
+    assert_eq!(running.summary().outcome, Outcome::Shutdown);
+}
+
+#[test]
+fn no_byte_moves_before_all_receivers_are_there() {
+    let mut sim = Sim::new(2, 4096, 1000);
+    let s = sim.sender(2, b"hello", false);
+    let r1 = sim.receiver(2);
+    sim.run(&[]);
+    assert_eq!(sim.client(s, |c| c.sent), 0);
+    assert!(sim.client(r1, |c| c.got.is_empty()));
+    assert!(sim.events.is_empty());
+    let r2 = sim.receiver(2);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r1), b"hello");
+    assert_eq!(sim.body_of(r2), b"hello");
+}
+
+#[test]
+fn a_slow_receiver_holds_the_sender_to_one_buffer() {
+    let data = body(100_000);
+    let mut sim = Sim::new(2, 4096, 1 << 20);
+    let r1 = sim.receiver(2);
+    let r2 = sim.receiver(2);
+    sim.sender(2, &data, false);
+    sim.run(&[r2]);
+    let got = sim.client(r1, |c| c.got.clone());
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        got.len() - head,
+        4096,
+        "fast receiver stops one buffer ahead"
+    );
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r1), data);
+    assert_eq!(sim.body_of(r2), data);
+}
+
+#[test]
+fn a_lost_receiver_does_not_stop_the_others_and_the_sender_is_told() {
+    let data = body(50_000);
+    let mut sim = Sim::new(3, 4096, 3000);
+    let rs = [sim.receiver(3), sim.receiver(3), sim.receiver(3)];
+    let s = sim.sender(3, &data, true);
+    sim.run(&[rs[1]]);
+    sim.net.borrow_mut().clients[rs[1]].dead = true;
+    sim.run(&[]);
+    assert_eq!(sim.body_of(rs[0]), data);
+    assert_eq!(sim.body_of(rs[2]), data);
+    let out = sim.text(s);
+    assert!(
+        out.ends_with("[ERROR] 2 of 3 receivers got every byte\n\r\n"),
+        "{out}"
+    );
+    assert_eq!(sim.summary().outcome, Outcome::ReceiversLost);
+}
+
+#[test]
+fn when_every_receiver_is_gone_the_sender_is_told_at_once() {
+    let mut sim = Sim::new(1, 4096, 100);
+    let r = sim.receiver(1);
+    let s = sim.sender(1, &body(50_000), false);
+    sim.run(&[r]);
+    sim.net.borrow_mut().clients[r].dead = true;
+    sim.run(&[]);
+    assert!(sim
+        .text(s)
+        .contains("[ERROR] 0 of 1 receivers got every byte"));
+    assert!(sim.client(s, |c| c.shut));
+}
+
+#[test]
+fn a_sender_gone_mid_body_cuts_every_receiver() {
+    for chunked in [false, true] {
+        let data = body(30_000);
+        let mut sim = Sim::new(2, 4096, 1000);
+        let rs = [sim.receiver(2), sim.receiver(2)];
+        let s = sim.sender(2, &data, chunked);
+        {
+            let mut net = sim.net.borrow_mut();
+            net.clients[s].input.truncate(10_000);
+            net.clients[s].eof = true; // EOF after its bytes
+        }
+        sim.run(&[]);
+        for r in rs {
+            assert!(sim.closed(r));
+            assert!(!sim.client(r, |c| c.got.ends_with(b"0\r\n\r\n")));
+            let got = sim.client(r, |c| c.got.clone());
+            let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert!(got.len() - at < data.len(), "chunked={chunked}");
+        }
+        assert_eq!(sim.summary().outcome, Outcome::SenderGone);
+    }
+}
+
+#[test]
+fn a_malformed_chunk_cuts_receivers_and_tells_the_sender() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let r = sim.receiver(1);
+    let s = sim
+        .join("PUT /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n");
+    sim.run(&[]);
+    assert!(sim.closed(r));
+    assert!(!sim.client(r, |c| c.got.ends_with(b"0\r\n\r\n")));
+    assert!(sim
+        .text(s)
+        .contains("[ERROR] malformed body: malformed chunk size"));
+    assert!(matches!(sim.summary().outcome, Outcome::Malformed(_)));
+}
+
+#[test]
+fn empty_body_reaches_every_receiver_cleanly() {
+    for chunked in [false, true] {
+        let mut sim = Sim::new(2, 4096, 1000);
+        let rs = [sim.receiver(2), sim.receiver(2)];
+        let s = sim.sender(2, b"", chunked);
+        sim.run(&[]);
+        for r in rs {
+            assert_eq!(sim.body_of(r), b"");
+        }
+        assert!(sim.text(s).contains("done: 0 bytes to 2 of 2"));
+    }
+}
+
+#[test]
+fn http10_receiver_needs_a_length() {
+    let mut sim = Sim::new(2, 4096, 1000);
+    let old = sim.join("GET /x?n=2 HTTP/1.0\r\n\r\n");
+    let new = sim.receiver(2);
+    let s = sim.sender(2, b"data", true);
+    sim.run(&[]);
+    assert!(sim.text(old).starts_with("HTTP/1.1 505 "));
+    assert_eq!(sim.body_of(new), b"data");
+    assert!(sim
+        .text(s)
+        .contains("[ERROR] 1 of 2 receivers got every byte"));
+}
+
+#[test]
+fn receiver_head_passes_the_sender_headers() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let r = sim.receiver(1);
+    sim.join("POST /x HTTP/1.1\r\nHost: h\r\nContent-Type: text/html\r\nX-Piping-K: v\r\nContent-Length: 2\r\n\r\nhi");
+    sim.run(&[]);
+    let t = sim.text(r);
+    assert!(
+        t.contains("Content-Type: text/plain\r\n")
+            && t.contains("X-Piping-K: v\r\n")
+            && t.contains("Content-Length: 2\r\n"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_waiting_receiver_that_closed_is_found_by_probing_and_frees_its_place() {
+    let mut sim = Sim::new(2, 4096, 1000);
+    let r = sim.receiver(2);
+    sim.net.borrow_mut().clients[r].eof = true;
+    sim.run(&[]);
+    assert!(sim.text(r).starts_with("HTTP/1.1 102 Processing\r\n\r\n"));
+    let due = sim.net.borrow().deadline.unwrap();
+    assert_eq!(due, sim.now() + Config::default().probe_interval);
+    assert!(sim.events.is_empty());
+    // The next probe's write fails: the client is gone.
+    sim.net.borrow_mut().clients[r].dead = true;
+    sim.later(1);
+    assert_eq!(sim.events, [Event::Left(Role::Receiver)]);
+    assert!(sim.closed(r));
+}
+
+#[test]
+fn expect_continue_is_answered_before_the_progress_response() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let s =
+        sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+    sim.run(&[]);
+    assert!(sim
+        .text(s)
+        .starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
+}
+
+/// Issue 17: a sender that half-closed right after its body, and reads its response
+/// slowly, still gets its summary: its end of stream is not the end of the response.
+#[test]
+fn a_sender_that_half_closed_still_gets_its_summary() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let s = sim.sender(1, b"", true);
+    {
+        let mut net = sim.net.borrow_mut();
+        net.clients[s].eof = true;
+        net.clients[s].window = 300; // its head and a line, then it reads no more for now
+    }
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), b"");
+    assert_eq!(sim.summary().outcome, Outcome::Complete);
+    sim.net.borrow_mut().clients[s].window = usize::MAX;
+    sim.run(&[]);
+    let out = sim.text(s);
+    assert!(
+        out.contains("[INFO] done: 0 bytes to 1 of 1 receivers"),
+        "{out}"
+    );
+    assert!(out.ends_with("0\r\n\r\n"), "{out}");
+}
+
+/// A waiting party that leaves frees its place: the hub hears it from the pipe's task,
+/// the name is free again, and the task ends once its sockets are closed.
+#[test]
+fn the_registry_and_the_pipe_agree_on_places() {
+    let server: ServerState<()> = ServerState::new(Config::default());
+    let raw = b"GET /x?n=1 HTTP/1.1\r\nHost: h\r\n\r\n";
+    let mut params = None;
+    let admitted = server
+        .hub()
+        .admit(&request(raw), |p| params = Some(p))
+        .map(|a| a.new);
+    assert_eq!(admitted, Ok(true));
+    let mut sim = Sim::new(1, 4096, 1000);
+    sim.task = PipeTask::new(params.unwrap(), &server.config, Clock(sim.net.clone()));
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    sim.net.borrow_mut().clients[r].dead = true;
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut reported = Vec::new();
+    let ended = sim.task.drive(
+        &mut cx,
+        |_| Poll::Ready(None),
+        |name, id, event| {
+            reported.push(event.clone());
+            server.hub().handle_event(name, id, event)
+        },
+    );
+    assert_eq!(reported, [Event::Left(Role::Receiver)]);
+    assert!(ended.is_ready(), "the task ends with its last socket");
+    let net = sim.net.clone();
+    drop(sim);
+    assert!(net.borrow().clients[r].closed);
+    let again = server.hub().admit(&request(raw), |_| ()).map(|a| a.new);
+    assert_eq!(
+        again,
+        Ok(true),
+        "the name is free: a newcomer opens a new pipe"
+    );
+}
+
+/// A waiting sender that gives up is told why, even if it reads that last line a few
+/// seconds late: the server gives it the write timeout, not the short linger.
+#[test]
+fn a_sender_slow_to_read_why_it_waits_no_more_still_reads_it() {
+    let mut sim = Sim::new(2, 4096, 1000);
+    let s = sim.sender(2, b"abc", false);
+    sim.run(&[]);
+    sim.later(Config::default().wait_timeout.as_secs() - 1);
+    sim.net.borrow_mut().clients[s].window = 0;
+    sim.later(1);
+    sim.later(5);
+    assert!(!sim.closed(s), "dropped before it read its last line");
+    sim.net.borrow_mut().clients[s].window = usize::MAX;
+    sim.run(&[]);
+    let out = sim.text(s);
+    assert!(
+        out.contains("[ERROR] no transfer started within 3600 s")
+            && out.contains("(0 of 2 receivers came)\n"),
+        "{out}"
+    );
+}
