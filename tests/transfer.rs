@@ -541,6 +541,48 @@ fn report_end_answers_the_sender_when_the_transfer_is_over() {
     );
 }
 
+/// A waiting sender's curl killed (its socket closed by the kernel): the name is free for
+/// the next sender within a moment, not at the next heartbeat (20 s), although the server
+/// never reads a waiting sender.
+fn killed_waiting_sender_frees_its_name_at_once() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("killed-sender");
+    let (file, bytes) = dir.payload_file("body", 100, 83);
+    let url = server.pipe_url(&pipe_name("killed-sender"), None);
+    let mut first = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    first.wait_registered();
+    first.kill();
+    drop(first.finish());
+    thread::sleep(Duration::from_millis(300));
+    let mut second = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    assert_eq!(
+        second.next_line(),
+        "[INFO] waiting for 1 receiver(s), 0 here",
+        "the second sender, 0.3 s after the first was killed"
+    );
+    let receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
+    receiver.finish().assert_got(&bytes);
+    second.finish().assert_done(bytes.len() as u64, 1);
+}
+
+/// A waiting receiver's curl killed and run again 0.3 s later gets its place back.
+fn killed_waiting_receiver_retried_gets_its_place() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("killed-receiver");
+    let url = server.pipe_url(&pipe_name("killed-receiver"), None);
+    let mut first = Receiver::spawn(&url, &dir, "first", &[]);
+    settle();
+    first.kill();
+    drop(first.finish());
+    thread::sleep(Duration::from_millis(300));
+    let second = Receiver::spawn(&url, &dir, "second", &[]);
+    settle();
+    let (file, bytes) = dir.payload_file("body", 5000, 84);
+    let sender = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    second.finish().assert_got(&bytes);
+    sender.finish().assert_done(bytes.len() as u64, 1);
+}
+
 conformance! {
     one_receiver_gets_every_byte,
     three_receivers_get_every_byte,
@@ -564,4 +606,6 @@ conformance! {
     http10_receiver_of_a_sized_body_gets_it,
     half_closed_receiver_gets_the_whole_stream,
     report_end_answers_the_sender_when_the_transfer_is_over,
+    killed_waiting_sender_frees_its_name_at_once,
+    killed_waiting_receiver_retried_gets_its_place,
 }
