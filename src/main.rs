@@ -91,6 +91,11 @@ struct Args {
     /// forwarding a request body once the response has begun).
     #[arg(long, env = "FANPIPE_SENDER_REPORT", value_enum, default_value_t = SenderReport::Live)]
     sender_report: SenderReport,
+    /// Seconds after SIGTERM or SIGINT during which `/healthz` answers 503 while everything
+    /// else is still served and new connections accepted, so a load balancer's health check
+    /// moves new names away before anyone is refused; then the listener closes.
+    #[arg(long, env = "FANPIPE_DRAIN_DELAY", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    drain_delay: u64,
     /// Seconds running transfers get to finish after SIGTERM or SIGINT before they are cut.
     #[arg(long, env = "FANPIPE_SHUTDOWN_GRACE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
     shutdown_grace: u64,
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
         max_connections: args.max_connections as usize,
         max_pipes: args.max_pipes as usize,
         heartbeat_interval: Duration::from_secs(args.heartbeat),
+        drain_delay: Duration::from_secs(args.drain_delay),
         sender_report: match args.sender_report {
             SenderReport::Live => Report::Live,
             SenderReport::End => Report::End,

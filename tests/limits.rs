@@ -516,6 +516,27 @@ fn sigterm_tells_waiting_parties_and_exits_0() {
     assert_exits_cleanly(server, 30, "");
 }
 
+/// `--drain-delay`: from SIGTERM on, `/healthz` answers 503 while the server still serves
+/// everything else, new transfers included; after the delay it serves no newcomer.
+fn sigterm_with_a_drain_delay_fails_health_first_and_still_serves() {
+    let server = Server::start(&["--drain-delay", "3"]);
+    let dir = TempDir::new("drain-delay");
+    get(&server.url("/healthz")).assert_status_and_text(200, "ok", "/healthz before SIGTERM");
+    server.terminate();
+    wait_until("/healthz says 503", Duration::from_secs(10), || {
+        get(&server.url("/healthz")).status() == 503
+    });
+    get(&server.url("/healthz")).assert_status_and_text(503, "draining", "/healthz draining");
+    // A whole transfer still goes through during the delay.
+    let (file, bytes) = dir.payload_file("body", 100_000, 131);
+    let url = server.pipe_url(&pipe_name("drain-delay"), None);
+    let receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
+    let sender = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    receiver.finish().assert_got(&bytes);
+    sender.finish().assert_done(bytes.len() as u64, 1);
+    assert_exits_cleanly(server, 30, "");
+}
+
 fn sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer() {
     let server = Server::start(&["--shutdown-grace", "60"]);
     let dir = TempDir::new("sigterm-running");
@@ -1063,6 +1084,7 @@ conformance! {
     head_dribbled_past_head_timeout_is_408,
     heads_over_max_head_size_or_max_headers_are_431,
     sigterm_tells_waiting_parties_and_exits_0,
+    sigterm_with_a_drain_delay_fails_health_first_and_still_serves,
     sigterm_lets_a_running_transfer_finish_and_serves_no_newcomer,
     sigterm_cuts_a_transfer_still_running_when_the_grace_ends,
     metrics_list_every_series,

@@ -73,6 +73,7 @@ pub fn run(
     let shared = Arc::new(Shared {
         state: ServerState::new(config),
         stop,
+        closing: AtomicBool::new(false),
         grace,
         threads,
     });
@@ -148,7 +149,10 @@ fn bind(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListene
 /// its own pipes' mailboxes in its `Core::pipes`.
 struct Shared {
     state: ServerState<PipeId>,
+    /// The stop signal came.
     stop: Arc<AtomicBool>,
+    /// The drain delay after it is over: the listeners close.
+    closing: AtomicBool,
     grace: Duration,
     threads: usize,
 }
@@ -244,7 +248,7 @@ impl Runtime for Glommio {
     }
 
     fn stopped(&self) -> bool {
-        self.0.shared.stop.load(Ordering::Relaxed)
+        self.0.shared.closing.load(Ordering::Relaxed)
     }
 }
 
@@ -320,6 +324,8 @@ async fn shard(
         while !shared.stop.load(Ordering::Relaxed) {
             sleep(STOP_POLL).await;
         }
+        fanpipe_driver::announce_stop(&rt).await;
+        shared.closing.store(true, Ordering::Relaxed);
     };
     let next = || async {
         let stream = listener

@@ -87,7 +87,11 @@ pub async fn serve(
         let _ = stream.get_ref().set_nodelay(true);
         Ok((Party(stream), peer))
     };
-    fanpipe_driver::accept(&rt, next).or(shutdown).await;
+    let stop = async {
+        shutdown.await;
+        fanpipe_driver::announce_stop(&rt).await;
+    };
+    fanpipe_driver::accept(&rt, next).or(stop).await;
     drop(listener);
     fanpipe_driver::shut_down(&rt, grace).await;
     Ok(())

@@ -81,7 +81,7 @@ pub async fn serve(
     };
     tokio::select! {
         () = fanpipe_driver::accept(&rt, next) => {}
-        () = shutdown => {}
+        () = async { shutdown.await; fanpipe_driver::announce_stop(&rt).await } => {}
     }
     drop(listener);
     fanpipe_driver::shut_down(&rt, grace).await;

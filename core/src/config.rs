@@ -34,6 +34,10 @@ pub struct Config {
     /// How often the kernel is asked whether a waiting sender (which is not read) is still
     /// there: a sender that goes away frees its name this soon.
     pub peer_check_interval: Duration,
+    /// After the stop signal, how long `/healthz` answers `503` while everything else is
+    /// still served, before the listener closes: a load balancer's health check moves new
+    /// names away first.
+    pub drain_delay: Duration,
     /// How long a party may wait for its pipe to fill.
     pub wait_timeout: Duration,
     /// How long a running transfer may move no byte before its stalled parties are dropped.
@@ -61,6 +65,7 @@ impl Default for Config {
             probe_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(20),
             peer_check_interval: Duration::from_millis(50),
+            drain_delay: Duration::ZERO,
             wait_timeout: Duration::from_secs(3600),
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,

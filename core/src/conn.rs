@@ -20,8 +20,9 @@ pub enum Action {
     Write,
     /// Shut down the write side, then call [`Conn::handle_shutdown`].
     Shutdown,
-    /// Render the metrics and give them to [`Conn::handle_metrics`].
-    Metrics,
+    /// Ask the hub for the page [`Conn::hub_page`] names (the server's own state: metrics,
+    /// health) and give it to [`Conn::handle_hub_page`].
+    HubPage,
     /// Take [`Conn::take_pipe_request`] to the registry.
     Pipe,
     /// Drop the connection.
@@ -40,7 +41,7 @@ enum State {
     Write(After),
     Shutdown,
     Linger,
-    Metrics,
+    HubPage,
     Pipe,
     Closed,
 }
@@ -123,7 +124,7 @@ impl Conn {
             State::Head | State::Linger => Action::Read,
             State::Write(_) => Action::Write,
             State::Shutdown => Action::Shutdown,
-            State::Metrics => Action::Metrics,
+            State::HubPage => Action::HubPage,
             State::Pipe => Action::Pipe,
             State::Closed => Action::Close,
         }
@@ -212,17 +213,22 @@ impl Conn {
         }
     }
 
-    pub fn handle_metrics(&mut self, text: &str, now: Instant) {
-        if let (State::Metrics, Some(req)) = (self.state, self.pending.take()) {
+    /// Which of the hub's pages the request asks for, while [`Action::HubPage`].
+    pub fn hub_page(&self) -> Option<Page> {
+        match (&self.state, &self.pending) {
+            (State::HubPage, Some(req)) => match req.route {
+                Route::Page(page) => Some(page),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The hub's answer to [`Conn::hub_page`].
+    pub fn handle_hub_page(&mut self, status: u16, text: &str, now: Instant) {
+        if let (State::HubPage, Some(req)) = (self.state, self.pending.take()) {
             let keep = req.keep_alive && !req.has_body();
-            response::page(
-                &mut self.out,
-                Page::Metrics,
-                &req.base_url,
-                text,
-                keep,
-                req.head_only,
-            );
+            response::text(&mut self.out, status, text, keep, req.head_only, "");
             self.write(keep, now);
         }
     }
@@ -270,9 +276,9 @@ impl Conn {
                 self.state = State::Pipe;
                 self.deadline = None;
             }
-            Route::Page(Page::Metrics) => {
+            Route::Page(Page::Metrics | Page::Health) => {
                 self.pending = Some(req);
-                self.state = State::Metrics;
+                self.state = State::HubPage;
             }
             Route::Page(page) => {
                 response::page(&mut self.out, *page, &req.base_url, "", keep, req.head_only);
@@ -328,7 +334,7 @@ mod tests {
                     c.handle_wrote(n, now);
                 }
                 Action::Shutdown => c.handle_shutdown(now),
-                Action::Metrics => c.handle_metrics("m 1\n", now),
+                Action::HubPage => c.handle_hub_page(200, "m 1\n", now),
                 Action::Read => {
                     let buf = c.read_buf();
                     let k = buf.len().min(rest.len()).min(piece);

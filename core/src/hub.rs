@@ -10,7 +10,7 @@ use crate::error::Reject;
 use crate::metrics::Metrics;
 use crate::pipe::Event;
 use crate::registry::{Admitted, PipeId, Registry};
-use crate::request::Route;
+use crate::request::{Page, Route};
 use crate::Config;
 
 /// How often a shutdown looks again whether the pipes are all gone.
@@ -62,6 +62,8 @@ pub struct Hub<H> {
     phase: Phase,
     /// When the current phase's wait ends.
     until: Option<Instant>,
+    /// The stop signal came (`/healthz` says 503).
+    stopping: bool,
 }
 
 impl<H> Hub<H> {
@@ -71,6 +73,7 @@ impl<H> Hub<H> {
             metrics: Metrics::default(),
             phase: Phase::Running,
             until: None,
+            stopping: false,
         }
     }
 
@@ -102,6 +105,26 @@ impl<H> Hub<H> {
     /// The text of `/metrics`, given how many connections are open.
     pub fn metrics_page(&self, connections: usize) -> String {
         self.metrics.render(self.registry.counts(), connections)
+    }
+
+    /// One of the pages that tell the server's state ([`Conn::hub_page`]): its status
+    /// and text. `/healthz` says `503` from the stop signal on, while the server still
+    /// serves, so a load balancer moves new names elsewhere before anyone is refused.
+    pub fn page(&self, page: Page, connections: usize) -> (u16, String) {
+        match page {
+            Page::Metrics => (200, self.metrics_page(connections)),
+            Page::Health if self.stopping => (503, "draining\n".to_owned()),
+            _ => (200, "ok\n".to_owned()),
+        }
+    }
+
+    /// The stop signal came: `/healthz` says so (see [`Hub::page`]); everything else is
+    /// served as before until [`Hub::begin_shutdown`].
+    pub fn announce_stop(&mut self) {
+        if !self.stopping {
+            tracing::info!("stopping: /healthz answers 503 from now on");
+        }
+        self.stopping = true;
     }
 
     /// What pipe `id` on `name` reported. Returns true once the registry no longer
@@ -139,6 +162,7 @@ impl<H> Hub<H> {
     /// Starts a graceful shutdown (once): nobody is admitted any more, and running
     /// transfers get `grace` to finish.
     pub fn begin_shutdown(&mut self, grace: Duration, now: Instant) {
+        self.stopping = true;
         if self.phase == Phase::Running {
             tracing::info!(
                 "shutting down: waiting up to {} s for running transfers",
@@ -250,5 +274,16 @@ mod tests {
         assert!(hub.handle_event("x", id, Event::Left(Role::Receiver)));
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(hub.poll_shutdown(t1).phase, Phase::Done);
+    }
+
+    #[test]
+    fn health_says_503_from_the_stop_signal_on_and_metrics_stay_200() {
+        let mut hub: Hub<()> = Hub::new(&Config::default());
+        assert_eq!(hub.page(Page::Health, 0), (200, "ok\n".to_owned()));
+        hub.announce_stop();
+        assert_eq!(hub.page(Page::Health, 0), (503, "draining\n".to_owned()));
+        assert_eq!(hub.page(Page::Metrics, 0).0, 200);
+        // Still admitting until the shutdown begins.
+        assert!(hub.admit(&request(GET), |_| ()).is_ok());
     }
 }

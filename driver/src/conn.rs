@@ -4,13 +4,15 @@ use std::io::IoSlice;
 use std::task::{Context, Poll};
 
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
+use fanpipe_core::request::Page;
 use fanpipe_core::Reject;
 
 use crate::io::{Socket, Timer};
 
 /// Drives one connection's [`Conn`] until it is closed (`None`) or holds a pipe request
 /// for the registry (`Some`): reads, writes, shutdowns and deadlines as the core says.
-/// `refused` logs and counts a refusal; `metrics` renders the `/metrics` page. After a
+/// `refused` logs and counts a refusal; `hub_page` renders a page of the server's state
+/// (`/metrics`, `/healthz`) as its status and text. After a
 /// pipe request the caller admits it, or tells the `Conn` why not and drives it again.
 pub fn poll_conn<S: Socket, T: Timer>(
     cx: &mut Context<'_>,
@@ -18,7 +20,7 @@ pub fn poll_conn<S: Socket, T: Timer>(
     sock: &mut S,
     timer: &mut T,
     mut refused: impl FnMut(&Reject),
-    mut metrics: impl FnMut() -> String,
+    mut hub_page: impl FnMut(Page) -> (u16, String),
 ) -> Poll<Option<PipeRequest>> {
     loop {
         if let Some(why) = conn.take_refused() {
@@ -41,8 +43,11 @@ pub fn poll_conn<S: Socket, T: Timer>(
                 conn.handle_shutdown(timer.now());
                 Poll::Ready(())
             }
-            Action::Metrics => {
-                conn.handle_metrics(&metrics(), timer.now());
+            Action::HubPage => {
+                if let Some(page) = conn.hub_page() {
+                    let (status, text) = hub_page(page);
+                    conn.handle_hub_page(status, &text, timer.now());
+                }
                 Poll::Ready(())
             }
             Action::Pipe => return Poll::Ready(conn.take_pipe_request()),

@@ -61,7 +61,7 @@ impl<H> ServerState<H> {
                 sock,
                 timer,
                 |why| self.hub().refused(peer, why),
-                || self.hub().metrics_page(self.connections.count()),
+                |page| self.hub().page(page, self.connections.count()),
             )
         })
         .await
@@ -159,6 +159,18 @@ pub async fn serve_connection<R: Runtime>(rt: &R, mut c: Connection<R::Socket>) 
         };
         c.conn.handle_refused(&refused, timer.now());
     }
+}
+
+/// The stop signal came: `/healthz` answers `503` for the configured drain delay while
+/// everything else is still served (the caller keeps accepting meanwhile), so a load
+/// balancer's health check moves new names away before anyone is refused. Then the
+/// caller closes its listener and [`shut_down`]s.
+pub async fn announce_stop<R: Runtime>(rt: &R) {
+    let server = rt.server();
+    server.hub().announce_stop();
+    let mut timer = rt.timer();
+    let at = timer.now() + server.config.drain_delay;
+    sleep_until(&mut timer, at).await;
 }
 
 /// A graceful shutdown, stepped until done: no one is admitted any more, each phase is
