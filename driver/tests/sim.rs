@@ -279,7 +279,7 @@ fn a_happy_transfer_byte_by_byte() {
     assert!(w.client(s).resp.complete);
 }
 
-/// DESIGN.md: "A waiting party that disconnects frees its place". A waiting sender is
+/// docs/PROTOCOL.md: "A waiting party that goes away frees its place". A waiting sender is
 /// not read (the body must not be read before the start), so the pipe writes it a
 /// heartbeat line now and then; the write that fails frees its place. (Regression: the
 /// place used to stay taken until `wait_timeout`.)
@@ -303,7 +303,7 @@ fn a_waiting_sender_that_disconnects_frees_its_place() {
     );
 }
 
-/// DESIGN.md: the sender's response ends cleanly when all `n` receivers got every byte.
+/// docs/PROTOCOL.md: the sender's response ends cleanly only when all `n` receivers got every byte.
 /// A sender slow to read its last lines still gets them: the linger before the close
 /// starts once they are written. (Regression: the linger clock used to start at the end
 /// of the transfer, and a sender that did not read for 2 s lost its summary.)

@@ -281,7 +281,7 @@ pub fn chunked(data: &[u8]) {
 
 /// Fuzz target `pipe`: the bytes are a script of operations on a [`world::World`] (see
 /// [`world::World::from_script`]); after the script every client finishes, and the
-/// world's invariants (DESIGN.md section 1) must hold.
+/// world's invariants (docs/PROTOCOL.md) must hold.
 pub fn pipe(data: &[u8]) {
     let mut w = world::World::from_script(data);
     w.finish();

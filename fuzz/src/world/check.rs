@@ -1,4 +1,4 @@
-//! The invariants of DESIGN.md section 1 that the world can see from its clients' side
+//! The invariants of docs/PROTOCOL.md that the world can see from its clients' side
 //! (and from what each pipe's task reported).
 
 use fanpipe_core::conn::{Action, Conn};
