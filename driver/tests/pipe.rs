@@ -13,7 +13,7 @@ use fanpipe_core::chunked::BodyDecoder;
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::hub::{Phase, PipeParams};
 use fanpipe_core::metrics::Connections;
-use fanpipe_core::pipe::{Event, Outcome, Summary};
+use fanpipe_core::pipe::{Event, Outcome, Summary, REPROBE};
 use fanpipe_core::request::{Framing, Role};
 use fanpipe_core::Config;
 use fanpipe_driver::{Msg, PipeTask, ServerState, Socket, Timer};
@@ -404,8 +404,9 @@ fn waiting_past_the_wait_timeout_tells_everyone_and_frees_the_places() {
     let r = sim.receiver(3);
     let s = sim.sender(3, b"abc", false);
     sim.run(&[]);
+    // A waiting sender is not read: its next deadline is the check of its socket.
     let due = sim.net.borrow().deadline.unwrap();
-    assert_eq!(due, sim.now() + Config::default().heartbeat_interval);
+    assert_eq!(due, sim.now() + Config::default().peer_check_interval);
     sim.later(30);
     assert!(sim
         .text(s)
@@ -649,8 +650,10 @@ fn a_waiting_receiver_that_closed_is_found_by_probing_and_frees_its_place() {
     sim.net.borrow_mut().clients[r].eof = true;
     sim.run(&[]);
     assert!(sim.text(r).starts_with("HTTP/1.1 102 Processing\r\n\r\n"));
+    // A half-close or a close? It is written to again soon: a client that has gone
+    // answers the first write with a reset, and the next write fails.
     let due = sim.net.borrow().deadline.unwrap();
-    assert_eq!(due, sim.now() + Config::default().probe_interval);
+    assert_eq!(due, sim.now() + REPROBE);
     assert!(sim.events.is_empty());
     // The next probe's write fails: the client is gone.
     sim.net.borrow_mut().clients[r].dead = true;
@@ -665,9 +668,18 @@ fn expect_continue_is_answered_before_the_progress_response() {
     let s =
         sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
     sim.run(&[]);
+    // On its own: a proxy must not read it together with the head. The head follows the
+    // first body byte, the proof that the go-ahead went through.
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    sim.net.borrow_mut().clients[s].input = b"x".to_vec();
+    sim.run(&[]);
     assert!(sim
         .text(s)
         .starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
+    // The byte read early is the body's first: the receiver gets it.
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), b"x");
 }
 
 /// Issue 17: a sender that half-closed right after its body, and reads its response
