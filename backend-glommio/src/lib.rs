@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use fanpipe_core::pipe::PeerState;
 use fanpipe_core::config::LISTEN_BACKLOG;
+use fanpipe_core::pipe::PeerState;
 use fanpipe_core::registry::{shard_of, PipeId};
 use fanpipe_core::request::Route;
 use fanpipe_core::Config;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use async_executor::Executor;
 use async_io::{Async, Timer};
-use fanpipe_core::pipe::PeerState;
 use fanpipe_core::config::LISTEN_BACKLOG;
+use fanpipe_core::pipe::PeerState;
 use fanpipe_core::Config;
 use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt, Stream};

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use fanpipe_core::pipe::PeerState;
 use fanpipe_core::config::LISTEN_BACKLOG;
+use fanpipe_core::pipe::PeerState;
 use fanpipe_core::Config;
 use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket, Timer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
