@@ -85,7 +85,7 @@ mod tests {
     #[test]
     fn open_then_half_closed_then_reset() {
         let (client, mut server) = pair();
-        assert_eq!(peer_state(server), PeerState::Open);
+        assert_eq!(peer_state(&server), PeerState::Open);
         // Body bytes waiting unread do not hide the FIN behind them.
         (&client).write_all(b"body bytes nobody read yet").unwrap();
         client.shutdown(Shutdown::Write).unwrap();
@@ -107,6 +107,6 @@ mod tests {
         let mut got = [0u8; 14];
         client.read_exact(&mut got).unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(peer_state(server), PeerState::Closed);
+        assert_eq!(peer_state(&server), PeerState::Closed);
     }
 }
