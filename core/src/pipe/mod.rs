@@ -11,8 +11,6 @@
 
 mod egress;
 mod ingest;
-#[cfg(test)]
-mod tests;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
