@@ -9,17 +9,16 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use fanpipe_core::chunked::BodyDecoder;
+use fanpipe_core::chunked::{BodyDecoder, BodyError};
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::hub::{Phase, PipeParams};
 use fanpipe_core::metrics::Connections;
-use fanpipe_core::pipe::{Event, Outcome, Summary};
-use fanpipe_core::request::{Framing, Role};
-use fanpipe_core::Config;
+use fanpipe_core::pipe::{Event, Outcome, PeerState, Summary, CONTINUE_HOLD, REPROBE};
+use fanpipe_core::request::{Framing, Report, Role};
+use fanpipe_core::{response, Config};
 use fanpipe_driver::{Msg, PipeTask, ServerState, Socket, Timer};
 
 /// A scripted client: the bytes it will send, and what it got back.
-#[derive(Default)]
 struct Client {
     input: Vec<u8>,
     sent: usize,
@@ -38,6 +37,30 @@ struct Client {
     window: usize,
     /// Reads the task made of its socket.
     reads: usize,
+    /// What the kernel says of its side of the connection ([`Socket::peer_state`]).
+    peer: PeerState,
+    /// Times the task asked for `peer`.
+    checks: usize,
+}
+
+impl Client {
+    /// A client that will send `input`, reads all it gets, and is there.
+    fn new(input: Vec<u8>) -> Self {
+        Client {
+            input,
+            sent: 0,
+            got: Vec::new(),
+            closed: false,
+            shut: false,
+            eof: false,
+            dead: false,
+            stuck: false,
+            window: usize::MAX,
+            reads: 0,
+            peer: PeerState::Open,
+            checks: 0,
+        }
+    }
 }
 
 /// The clients' side of the sockets, and the clock.
@@ -118,6 +141,15 @@ impl Socket for Mem {
         c.eof = true;
         net.progress += 1;
     }
+
+    fn peer_state(&self) -> PeerState {
+        let mut net = self.net.borrow_mut();
+        let c = &mut net.clients[self.c];
+        c.checks += 1;
+        let peer = c.peer;
+        net.progress += 1;
+        peer
+    }
 }
 
 impl Drop for Mem {
@@ -172,6 +204,10 @@ impl Sim {
             buffer_size: buffer,
             ..Config::default()
         };
+        Sim::with_config(n, &config, piece)
+    }
+
+    fn with_config(n: usize, config: &Config, piece: usize) -> Self {
         let net = Rc::new(RefCell::new(Net {
             now: Instant::now(),
             clients: Vec::new(),
@@ -186,7 +222,7 @@ impl Sim {
             id: 1,
         };
         Sim {
-            task: PipeTask::new(params, &config, Clock(net.clone())),
+            task: PipeTask::new(params, config, Clock(net.clone())),
             net,
             mailbox: VecDeque::new(),
             events: Vec::new(),
@@ -199,14 +235,20 @@ impl Sim {
     fn join(&mut self, raw: impl AsRef<[u8]>) -> usize {
         let raw = raw.as_ref();
         let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        let req = request(&raw[..head_end]);
+        self.admit(request(&raw[..head_end]), raw[head_end..].to_vec())
+    }
+
+    /// A client whose whole request came in the reads of its head: the pipe gets its
+    /// body's first bytes with the request, and its socket has no more to give.
+    fn join_read(&mut self, raw: impl AsRef<[u8]>) -> usize {
+        self.admit(request(raw.as_ref()), Vec::new())
+    }
+
+    /// The pipe's task gets a party as admitted; its client will still send `input`.
+    fn admit(&mut self, req: PipeRequest, input: Vec<u8>) -> usize {
         let mut net = self.net.borrow_mut();
         let c = net.clients.len();
-        net.clients.push(Client {
-            input: raw[head_end..].to_vec(),
-            window: usize::MAX,
-            ..Client::default()
-        });
+        net.clients.push(Client::new(input));
         drop(net);
         let sock = Mem {
             net: self.net.clone(),
@@ -254,6 +296,8 @@ impl Sim {
         let mut cx = Context::from_waker(Waker::noop());
         for _ in 0..1_000_000 {
             let before = self.net.borrow().progress + self.mailbox.len() as u64;
+            // What the task asks of its timer in this turn.
+            self.net.borrow_mut().deadline = None;
             let events = &mut self.events;
             let mailbox = &mut self.mailbox;
             let polled = self.task.drive(
@@ -277,8 +321,24 @@ impl Sim {
 
     /// Time passes; what falls due is done.
     fn later(&mut self, secs: u64) {
-        self.net.borrow_mut().now += Duration::from_secs(secs);
+        self.pass(Duration::from_secs(secs));
+    }
+
+    fn pass(&mut self, time: Duration) {
+        self.net.borrow_mut().now += time;
         self.run(&[]);
+    }
+
+    /// The clock goes to the deadline the task last asked its timer for; what falls due
+    /// is done.
+    fn until_next_deadline(&mut self) {
+        let due = self.deadline();
+        self.net.borrow_mut().now = due;
+        self.run(&[]);
+    }
+
+    fn deadline(&self) -> Instant {
+        self.net.borrow().deadline.expect("a deadline")
     }
 
     fn now(&self) -> Instant {
@@ -322,16 +382,26 @@ impl Sim {
 }
 
 /// The data of a whole chunked body.
-fn decode_chunked(mut wire: &[u8]) -> Vec<u8> {
+fn decode_chunked(wire: &[u8]) -> Vec<u8> {
+    let (out, done) = decode_chunks(wire).expect("well-formed chunks");
+    assert!(done, "a cut chunked body");
+    out
+}
+
+/// The data of the chunks in `wire`, and whether its last chunk is there; an error if it
+/// is no chunked body (or the start of one).
+fn decode_chunks(mut wire: &[u8]) -> Result<(Vec<u8>, bool), BodyError> {
     let mut d = BodyDecoder::new(Framing::Chunked);
     let mut out = Vec::new();
-    while !d.is_done() {
-        let step = d.decode(wire).expect("well-formed chunks");
+    while !wire.is_empty() && !d.is_done() {
+        let step = d.decode(wire)?;
         out.extend_from_slice(&wire[step.data.clone()]);
-        assert!(step.consumed > 0 || d.is_done(), "a cut chunked body");
+        if step.consumed == 0 {
+            break;
+        }
         wire = &wire[step.consumed..];
     }
-    out
+    Ok((out, d.is_done()))
 }
 
 fn body(len: usize) -> Vec<u8> {
@@ -384,17 +454,8 @@ fn one_big_chunk_arriving_after_the_start_reaches_the_receiver() {
         sim.run(&[]);
         let got = sim.client(r, |c| c.got.clone());
         let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        let mut d = BodyDecoder::new(Framing::Chunked);
-        let mut wire = &got[at..];
-        let mut data_len = 0;
-        while let Ok(step) = d.decode(wire) {
-            data_len += step.data.len();
-            if step.consumed == 0 {
-                break;
-            }
-            wire = &wire[step.consumed..];
-        }
-        assert_eq!(data_len, data.len(), "piece {piece}");
+        let (body, _) = decode_chunks(&got[at..]).unwrap();
+        assert_eq!(body.len(), data.len(), "piece {piece}");
     }
 }
 
@@ -404,8 +465,9 @@ fn waiting_past_the_wait_timeout_tells_everyone_and_frees_the_places() {
     let r = sim.receiver(3);
     let s = sim.sender(3, b"abc", false);
     sim.run(&[]);
+    // A waiting sender is not read: its next deadline is the check of its socket.
     let due = sim.net.borrow().deadline.unwrap();
-    assert_eq!(due, sim.now() + Config::default().heartbeat_interval);
+    assert_eq!(due, sim.now() + Config::default().peer_check_interval);
     sim.later(30);
     assert!(sim
         .text(s)
@@ -562,23 +624,40 @@ fn when_every_receiver_is_gone_the_sender_is_told_at_once() {
 
 #[test]
 fn a_sender_gone_mid_body_cuts_every_receiver() {
-    for chunked in [false, true] {
+    // `caught_up`: the sender goes only once the receivers have every byte it sent, so
+    // that they stand between chunks; otherwise its end is read in the same turn as its
+    // last bytes, and they are cut within a chunk.
+    for (chunked, caught_up) in [(false, false), (true, false), (true, true)] {
         let data = body(30_000);
         let mut sim = Sim::new(2, 4096, 1000);
         let rs = [sim.receiver(2), sim.receiver(2)];
         let s = sim.sender(2, &data, chunked);
-        {
-            let mut net = sim.net.borrow_mut();
-            net.clients[s].input.truncate(10_000);
-            net.clients[s].eof = true; // EOF after its bytes
+        sim.net.borrow_mut().clients[s].input.truncate(10_000);
+        if caught_up {
+            sim.run(&[]);
+            assert!(sim.events.iter().all(|e| *e == Event::Started));
         }
+        sim.net.borrow_mut().clients[s].eof = true; // EOF after its bytes
         sim.run(&[]);
         for r in rs {
             assert!(sim.closed(r));
             assert!(!sim.client(r, |c| c.got.ends_with(b"0\r\n\r\n")));
             let got = sim.client(r, |c| c.got.clone());
             let at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            assert!(got.len() - at < data.len(), "chunked={chunked}");
+            if chunked {
+                let cut = decode_chunks(&got[at..]);
+                assert!(!matches!(cut, Ok((_, true))), "a whole body");
+                if caught_up {
+                    // Between chunks, the cut is a line no parser takes for a chunk size.
+                    assert!(got.ends_with(response::CUT));
+                    assert!(cut.is_err());
+                } else {
+                    // Within a chunk, the close short of it shows the cut.
+                    assert!(!got.ends_with(response::CUT));
+                }
+            } else {
+                assert!(got.len() - at < data.len());
+            }
         }
         assert_eq!(sim.summary().outcome, Outcome::SenderGone);
     }
@@ -649,8 +728,10 @@ fn a_waiting_receiver_that_closed_is_found_by_probing_and_frees_its_place() {
     sim.net.borrow_mut().clients[r].eof = true;
     sim.run(&[]);
     assert!(sim.text(r).starts_with("HTTP/1.1 102 Processing\r\n\r\n"));
+    // A half-close or a close? It is written to again soon: a client that has gone
+    // answers the first write with a reset, and the next write fails.
     let due = sim.net.borrow().deadline.unwrap();
-    assert_eq!(due, sim.now() + Config::default().probe_interval);
+    assert_eq!(due, sim.now() + REPROBE);
     assert!(sim.events.is_empty());
     // The next probe's write fails: the client is gone.
     sim.net.borrow_mut().clients[r].dead = true;
@@ -665,9 +746,18 @@ fn expect_continue_is_answered_before_the_progress_response() {
     let s =
         sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
     sim.run(&[]);
+    // On its own: a proxy must not read it together with the head. The head follows the
+    // first body byte, the proof that the go-ahead went through.
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    sim.net.borrow_mut().clients[s].input = b"x".to_vec();
+    sim.run(&[]);
     assert!(sim
         .text(s)
         .starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
+    // The byte read early is the body's first: the receiver gets it.
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), b"x");
 }
 
 /// Issue 17: a sender that half-closed right after its body, and reads its response
@@ -755,4 +845,195 @@ fn a_sender_slow_to_read_why_it_waits_no_more_still_reads_it() {
             && out.contains("(0 of 2 receivers came)\n"),
         "{out}"
     );
+}
+
+#[test]
+fn a_sender_silent_after_its_go_ahead_gets_its_head_after_a_while() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let s =
+        sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+    sim.run(&[]);
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    sim.pass(CONTINUE_HOLD / 2);
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    sim.pass(CONTINUE_HOLD / 2);
+    assert!(
+        sim.text(s).contains("HTTP/1.1 200 OK\r\n"),
+        "{}",
+        sim.text(s)
+    );
+}
+
+#[test]
+fn a_held_sender_that_closes_before_its_body_frees_its_place() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let s =
+        sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n");
+    sim.run(&[]);
+    sim.net.borrow_mut().clients[s].eof = true; // its EOF, no body
+    sim.run(&[]);
+    assert!(sim.closed(s));
+    assert_eq!(sim.events.first(), Some(&Event::Left(Role::Sender)));
+}
+
+#[test]
+fn no_go_ahead_for_a_sender_whose_body_came_with_its_head() {
+    let raw = "PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc";
+    assert_eq!(request(raw.as_bytes()).leftover, b"abc");
+    let mut sim = Sim::new(1, 4096, 1000);
+    let s = sim.join_read(raw);
+    sim.run(&[]);
+    assert!(
+        sim.text(s).starts_with("HTTP/1.1 200 OK\r\n"),
+        "{}",
+        sim.text(s)
+    );
+    // The bytes read with its head are its body.
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), b"abc");
+}
+
+#[test]
+fn a_sender_asking_report_end_gets_its_head_only_when_the_transfer_is_over() {
+    let data = body(20_000);
+    let mut sim = Sim::new(2, 4096, 1000);
+    let head = format!(
+        "PUT /x?n=2&report=end HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    let s = sim.join([head.as_bytes(), &data].concat());
+    let r1 = sim.receiver(2);
+    sim.run(&[]);
+    assert_eq!(sim.text(s), "", "nothing before the end");
+    let r2 = sim.receiver(2);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r1), data);
+    assert_eq!(sim.body_of(r2), data);
+    let out = sim.text(s);
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(
+        out.contains("[INFO] waiting for 2 receiver(s), 0 here"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[INFO] done: 20000 bytes to 2 of 2 receivers"),
+        "{out}"
+    );
+    assert!(out.ends_with("0\r\n\r\n"), "{out}");
+}
+
+#[test]
+fn a_report_end_sender_whose_receiver_is_lost_gets_502_and_a_cut_response() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let r = sim.receiver(1);
+    let s = sim.join(
+        "PUT /x?report=end HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 50000\r\n\r\n",
+    );
+    sim.net.borrow_mut().clients[s].input = body(50_000);
+    sim.run(&[r]);
+    assert_eq!(sim.text(s), "HTTP/1.1 100 Continue\r\n\r\n");
+    sim.net.borrow_mut().clients[r].dead = true;
+    sim.run(&[]);
+    let out = sim.text(s);
+    assert!(
+        out.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 502 Bad Gateway\r\n"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("[ERROR] 0 of 1 receivers got every byte\n\r\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_server_default_report_applies_when_the_sender_does_not_say() {
+    let config = Config {
+        sender_report: Report::End,
+        ..Config::default()
+    };
+    let mut sim = Sim::with_config(1, &config, 1000);
+    let s = sim.join("PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n");
+    sim.run(&[]);
+    assert_eq!(sim.text(s), "");
+    let mut sim = Sim::with_config(1, &config, 1000);
+    let s = sim.join("PUT /x?report=live HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n");
+    sim.run(&[]);
+    assert!(
+        sim.text(s).starts_with("HTTP/1.1 200 OK\r\n"),
+        "{}",
+        sim.text(s)
+    );
+}
+
+/// A waiting sender is not read: the task asks the kernel about its socket
+/// (`Socket::peer_state`) at each peer check, and a reset frees its place.
+#[test]
+fn a_waiting_sender_whose_connection_was_reset_frees_its_name_at_the_next_check() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let t0 = sim.now();
+    let s = sim.sender(1, b"abc", false);
+    sim.run(&[]);
+    assert_eq!(sim.client(s, |c| c.checks), 0);
+    sim.until_next_deadline();
+    assert_eq!(sim.now() - t0, Config::default().peer_check_interval);
+    assert_eq!(sim.client(s, |c| c.checks), 1, "asked once per check");
+    assert!(!sim.closed(s));
+    assert_eq!(
+        sim.deadline(),
+        sim.now() + Config::default().peer_check_interval
+    );
+    sim.net.borrow_mut().clients[s].peer = PeerState::Reset;
+    sim.until_next_deadline();
+    assert_eq!(sim.client(s, |c| c.checks), 2);
+    assert_eq!(sim.events, [Event::Left(Role::Sender)]);
+    assert!(sim.closed(s));
+}
+
+#[test]
+fn a_waiting_sender_that_ended_its_side_is_written_to_once_and_kept_if_it_reads() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let s = sim.sender(1, b"abc", false);
+    sim.run(&[]);
+    let before = sim.text(s).len();
+    sim.net.borrow_mut().clients[s].peer = PeerState::Closed;
+    sim.until_next_deadline();
+    assert_eq!(sim.client(s, |c| c.checks), 1);
+    assert!(
+        sim.text(s)[before..].contains("[INFO] still waiting: 0 of 1 receivers here"),
+        "a FIN draws a write"
+    );
+    // A client that has gone answers that write with a reset: it is asked again soon.
+    assert_eq!(sim.deadline(), sim.now() + REPROBE);
+    // Half-closed but still there: the write drew no reset. No more lines for it.
+    let after = sim.text(s).len();
+    for _ in 0..5 {
+        sim.until_next_deadline();
+    }
+    assert_eq!(sim.client(s, |c| c.checks), 6);
+    assert_eq!(sim.text(s).len(), after);
+    assert!(!sim.closed(s));
+    // Its receiver comes: the transfer runs.
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), b"abc");
+}
+
+#[test]
+fn a_waiting_receiver_that_closed_is_written_to_again_soon() {
+    let mut sim = Sim::new(2, 4096, 1000);
+    let r = sim.receiver(2);
+    sim.net.borrow_mut().clients[r].eof = true;
+    sim.run(&[]);
+    assert_eq!(sim.text(r), "HTTP/1.1 102 Processing\r\n\r\n");
+    assert_eq!(sim.deadline(), sim.now() + REPROBE);
+    // Still there after the second write: it is probed at the usual pace again.
+    sim.until_next_deadline();
+    assert_eq!(
+        sim.text(r),
+        "HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+    );
+    assert_eq!(sim.deadline(), sim.now() + Config::default().probe_interval);
+    assert!(!sim.closed(r));
+    assert!(sim.events.is_empty());
 }

@@ -11,8 +11,6 @@
 
 mod egress;
 mod ingest;
-#[cfg(test)]
-mod tests;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -151,7 +149,7 @@ pub enum PeerState {
 
 /// How soon a waiting party is written to again after its side was seen closed: on a
 /// client that has gone, the first write draws a reset and the next one fails.
-const REPROBE: Duration = Duration::from_millis(10);
+pub const REPROBE: Duration = Duration::from_millis(10);
 
 /// A receiver's place in the transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
