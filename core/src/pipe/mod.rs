@@ -967,8 +967,11 @@ impl Pipe {
                 self.parties[s].state = State::Closed;
             } else {
                 let complete = outcome == Outcome::Complete;
+                // A status held to the end must reach a client still uploading: a reset
+                // right after it could be met first. A live response had its lines.
+                let held = matches!(self.parties[s].hold, Some(Hold::End { .. }));
                 self.conclude(s, outcome.sender_status(), complete);
-                if complete {
+                if complete || held {
                     self.close_politely(s, now);
                 } else {
                     self.flush_and_close(s, now);
