@@ -23,5 +23,5 @@ pub use io::{sleep_until, Socket, Timer};
 pub use pipe_task::{Msg, PipeTask};
 pub use runtime::Runtime;
 pub use server::{
-    accept, accepted, serve_connection, shut_down, Connection, ServerState, ACCEPT_BACKOFF,
+    accept, accepted, serve_connection, shut_down, Connection, Listen, ServerState, ACCEPT_BACKOFF,
 };

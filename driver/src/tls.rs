@@ -669,6 +669,22 @@ impl<S: Socket> Socket for TlsSocket<S> {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// Records still queued, flushed, then the FIN, with no close_notify: the client sees
+    /// the stream end short of a clean TLS close.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.session.closing = true;
+        ready!(self.flush_tls(cx))?;
+        if !self.session.fin_sent {
+            ready!(self.inner.poll_shutdown(cx))?;
+            self.session.fin_sent = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
 }
 
 /// A backend's socket with TLS on or off, so one `PipeTask` type serves both.
@@ -725,6 +741,17 @@ impl<S: Socket> Socket for MaybeTls<S> {
             MaybeTls::Plain(s) => s.poll_shutdown(cx),
             MaybeTls::Tls(s) => s.poll_shutdown(cx),
         }
+    }
+
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            MaybeTls::Plain(s) => s.poll_cut(cx),
+            MaybeTls::Tls(s) => s.poll_cut(cx),
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self, MaybeTls::Tls(_))
     }
 }
 
