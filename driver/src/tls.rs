@@ -58,8 +58,10 @@ use crate::Socket;
 #[cfg(test)]
 mod tests;
 
-/// The one application protocol offered: fanpipe speaks HTTP/1.1 only.
+/// The application protocols offered: fanpipe speaks HTTP/1.1, and HTTP/1.0.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// HTTP/1.0, which fanpipe also serves (a receiver of a body of known length).
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
 /// How much plaintext waiting for the handshake and how many encrypted bytes waiting for
 /// the socket rustls may hold per connection. Past it writes return `Pending`, so a slow
@@ -298,7 +300,9 @@ fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError>
             }
             e => TlsError::Rejected(e),
         })?;
-    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    // HTTP/1.0 too: a client that offers only it (curl --http1.0) is served, not refused
+    // with no_application_protocol.
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
     Ok(Arc::new(config))
 }
 
