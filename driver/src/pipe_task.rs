@@ -28,6 +28,10 @@ enum Ending {
     Clean,
     /// A cut or failed exchange: [`Socket::poll_cut`] (the FIN alone).
     Cut,
+    /// Closed at once by the core: what the socket still holds of bytes the core counts
+    /// as written (a TLS socket's records) goes out with [`Socket::poll_flush`], then
+    /// the socket is dropped, with no close_notify, as a plain socket is at once.
+    Drop,
 }
 
 /// A party's socket and how far its end has gone.
@@ -49,6 +53,7 @@ impl<S: Socket> Slot<S> {
             let polled = match how {
                 Ending::Clean => self.sock.poll_shutdown(cx),
                 Ending::Cut => self.sock.poll_cut(cx),
+                Ending::Drop => self.sock.poll_flush(cx),
             };
             if polled.is_pending() {
                 return Poll::Pending;
@@ -188,8 +193,12 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
         };
         if self.pipe.is_closed(p) {
             // A socket the core ended cleanly (or after flushing a cut's last bytes)
-            // finishes that end first; one it closed at once is dropped: a cut.
+            // finishes that end first; one it closed at once sends what it holds and is
+            // dropped: a cut.
             let mut slot = self.sockets[p].take().expect("the slot is here");
+            if slot.ending.is_none() {
+                slot.ending = Some((Ending::Drop, false));
+            }
             if slot.poll_end(cx).is_pending() {
                 self.ending.push(Closing {
                     slot,
