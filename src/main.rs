@@ -1,6 +1,7 @@
 //! The fanpipe server: command line, logging, signals. The backend is chosen at build time.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,6 +9,8 @@ use clap::Parser;
 use fanpipe_core::config::MIN_BUFFER_SIZE;
 use fanpipe_core::request::Report;
 use fanpipe_core::Config;
+use fanpipe_driver::tls::TlsConfig;
+use fanpipe_driver::Listen;
 
 /// Picks the backend of `$feature` when it is the only backend feature on.
 macro_rules! backend {
@@ -37,14 +40,41 @@ compile_error!(
 /// Send:    tar c . | curl -T - 'http://HOST:8080/NAME?n=3'
 /// Receive: curl 'http://HOST:8080/NAME?n=3' | tar x
 ///
+/// HTTPS: --tls-cert cert.pem --tls-key key.pem, and https:// URLs; SIGHUP reloads the
+/// two files without a restart (a bad file is logged and the old certificate kept).
+///
 /// Every flag may also be given by the environment variable shown with it (a flag on the
 /// command line wins). RUST_LOG filters the log (default: info).
 #[derive(Parser, Debug)]
 #[command(name = "fanpipe", version = LONG_VERSION, verbatim_doc_comment)]
 struct Args {
-    /// Address to listen on (port 0 picks a free port).
+    /// Address to listen on (port 0 picks a free port); HTTPS with --tls-cert and --tls-key.
     #[arg(long, env = "FANPIPE_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
+    /// PEM certificate chain (leaf first): with --tls-key, --listen serves HTTPS.
+    #[arg(
+        long,
+        env = "FANPIPE_TLS_CERT",
+        requires = "tls_key",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1, unencrypted).
+    #[arg(
+        long,
+        env = "FANPIPE_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Also serve plain HTTP on this address, beside HTTPS on --listen (needs --tls-cert).
+    #[arg(
+        long,
+        env = "FANPIPE_LISTEN_PLAIN",
+        requires = "tls_cert",
+        value_name = "ADDR"
+    )]
+    listen_plain: Option<SocketAddr>,
     /// Largest n (receivers per pipe) a client may ask for.
     #[arg(long, env = "FANPIPE_MAX_RECEIVERS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_receivers: u64,
@@ -180,8 +210,27 @@ fn main() -> ExitCode {
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         |t| t as usize,
     );
-    let result = backend::run(args.listen, config, threads, grace, |addr| {
-        eprintln!("fanpipe {LONG_VERSION} listening on http://{addr}");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match TlsConfig::load(cert, key) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("fanpipe: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listen = Listen {
+        addr: args.listen,
+        plain: args.listen_plain,
+        tls,
+    };
+    let result = backend::run(listen, config, threads, grace, |addr, plain| match plain {
+        Some(plain) => {
+            eprintln!("fanpipe {LONG_VERSION} listening on {scheme}://{addr} and http://{plain}")
+        }
+        None => eprintln!("fanpipe {LONG_VERSION} listening on {scheme}://{addr}"),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -107,6 +107,12 @@ impl Client {
             Client::Python => "-c",
         });
         cmd.args([script, url]);
+        if common::tls::enabled() {
+            // Over HTTPS (FANPIPE_TLS=1) each trusts the suite's test CA.
+            let ca = common::tls::suite().pki.ca_file();
+            cmd.env("NODE_EXTRA_CA_CERTS", &ca)
+                .env("REQUESTS_CA_BUNDLE", &ca);
+        }
         cmd
     }
 }

@@ -517,12 +517,7 @@ fn bad_chunk_case((addr, name, tail): (SocketAddr, String, Vec<u8>)) -> Result<(
     let dir = TempDir::new("bad-chunk");
     let path = format!("/api/v1/pipe/{name}?n=2");
     let mut raw_receiver = Raw::open_addr(addr, &raw_head("GET", &path, &[]));
-    let curl_receiver = Receiver::spawn(
-        &format!("http://{addr}{path}"),
-        &dir,
-        "curl",
-        &["--max-time", "20"],
-    );
+    let curl_receiver = Receiver::spawn(&url_for(addr, &path), &dir, "curl", &["--max-time", "20"]);
     let mut upload = raw_head("PUT", &path, &["Transfer-Encoding: chunked"]);
     upload.extend_from_slice(b"5\r\nhello\r\n");
     let mut sender = Raw::open_addr(addr, &upload);

@@ -445,7 +445,7 @@ fn heads_over_max_head_size_or_max_headers_are_431() {
 /// A connection attempt after SIGTERM: refused, `503`, or closed with no response; never
 /// served. Returns what happened, for the message.
 fn assert_not_served_after_sigterm(addr: SocketAddr) -> String {
-    let mut stream = match TcpStream::connect(addr) {
+    let mut stream = match common::connect(addr) {
         Err(e) => return format!("refused ({e})"),
         Ok(stream) => stream,
     };
@@ -790,7 +790,7 @@ struct Client {
 
 impl Client {
     fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client, String> {
-        let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let stream = common::connect(addr).map_err(|e| format!("connect: {e}"))?;
         stream
             .set_read_timeout(Some(timeout))
             .and_then(|()| stream.set_write_timeout(Some(timeout)))

@@ -28,7 +28,8 @@ use fanpipe_core::pipe::PeerState;
 use fanpipe_core::registry::{shard_of, PipeId};
 use fanpipe_core::request::Route;
 use fanpipe_core::Config;
-use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket};
+use fanpipe_driver::tls::{MaybeTls, TlsSession, TlsSocket};
+use fanpipe_driver::{Connection, Listen, Msg, PipeTask, Runtime, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
@@ -47,15 +48,16 @@ const IO_MEMORY: usize = 256 << 10;
 /// How often an idle core looks whether a stop signal came.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
-/// Binds `addr` and serves until SIGINT or SIGTERM, with one executor per thread, each
-/// pinned to its own core when there are enough. Fails at once, with one clear error,
-/// where io_uring is not available.
+/// Binds `listen` and serves until SIGINT or SIGTERM, with one executor per thread, each
+/// pinned to its own core when there are enough; SIGHUP reloads the certificate. Fails
+/// at once, with one clear error, where io_uring is not available. `on_bound` gets the
+/// main address and the plain one beside it, if any.
 pub fn run(
-    addr: SocketAddr,
+    listen: Listen,
     config: Config,
     threads: usize,
     grace: Duration,
-    on_bound: impl FnOnce(SocketAddr),
+    on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> io::Result<()> {
     let threads = threads.max(1);
     if let Err(why) = io_uring_works() {
@@ -68,15 +70,30 @@ pub fn run(
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
-    let listeners = bind(addr, threads)?;
-    on_bound(listeners[0].local_addr()?);
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone())?;
+    let main = bind(listen.addr, threads)?;
+    let plain = match listen.plain {
+        Some(addr) => Some(bind(addr, threads)?),
+        None => None,
+    };
+    on_bound(
+        main[0].local_addr()?,
+        plain.as_ref().map(|p| p[0].local_addr()).transpose()?,
+    );
     let shared = Arc::new(Shared {
-        state: ServerState::new(config),
+        state: ServerState::new(config).with_tls(listen.tls),
         stop,
         closing: AtomicBool::new(false),
+        hangup,
         grace,
         threads,
     });
+    // Each core takes one of each.
+    let listeners: Vec<_> = match plain {
+        Some(plain) => main.into_iter().zip(plain.into_iter().map(Some)).collect(),
+        None => main.into_iter().map(|l| (l, None)).collect(),
+    };
     let listeners = Arc::new(Mutex::new(listeners));
     let mesh = MeshBuilder::full(threads, 1024);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -153,13 +170,20 @@ struct Shared {
     stop: Arc<AtomicBool>,
     /// The drain delay after it is over: the listeners close.
     closing: AtomicBool,
+    /// A SIGHUP came and the certificate is still to reload (by core 0).
+    hangup: Arc<AtomicBool>,
     grace: Duration,
     threads: usize,
 }
 
 /// A connection moving to the core that owns its pipe, before its transfer: its socket
-/// travels as a duplicate descriptor, with its `Conn` and the pipe request it read.
-type Handover = Connection<OwnedFd>;
+/// travels as a duplicate descriptor, with its TLS session if it has one (the handshake
+/// and the head were done here, see `fanpipe_driver::tls`), its `Conn` and the pipe
+/// request it read.
+type Handover = Connection<(OwnedFd, Option<TlsSession>)>;
+
+/// A client's socket as the driver drives it: TLS over TCP on an HTTPS listener.
+type Sock = MaybeTls<Party>;
 
 /// One core's state: its pipes, and the way to the other cores.
 struct Core {
@@ -174,7 +198,7 @@ struct Core {
 struct Glommio(Rc<Core>);
 
 impl Runtime for Glommio {
-    type Socket = Party;
+    type Socket = Sock;
     type Timer = Wake;
     type Handle = PipeId;
 
@@ -186,13 +210,13 @@ impl Runtime for Glommio {
         Wake(None)
     }
 
-    fn spawn_connection(&self, conn: Connection<Party>) {
+    fn spawn_connection(&self, conn: Connection<Sock>) {
         let rt = self.clone();
         glommio::spawn_local(async move { fanpipe_driver::serve_connection(&rt, conn).await })
             .detach();
     }
 
-    fn spawn_pipe(&self, mut task: PipeTask<Party, Wake>) -> PipeId {
+    fn spawn_pipe(&self, mut task: PipeTask<Sock, Wake>) -> PipeId {
         let id = task.id();
         let inbox = Rc::new(Inbox::default());
         self.0.pipes.borrow_mut().insert(id, inbox.clone());
@@ -206,7 +230,7 @@ impl Runtime for Glommio {
     }
 
     /// Only this core's pipes are found: during a shutdown each core tells its own.
-    fn send(&self, to: &PipeId, msg: Msg<Party>) {
+    fn send(&self, to: &PipeId, msg: Msg<Sock>) {
         if let Some(inbox) = self.0.pipes.borrow().get(to) {
             inbox.send(msg);
         }
@@ -216,25 +240,34 @@ impl Runtime for Glommio {
         shard_of(name, self.0.shared.threads) == self.0.me
     }
 
-    fn hand_over(&self, conn: Connection<Party>) {
+    fn hand_over(&self, conn: Connection<Sock>) {
         let Some(Route::Pipe { name, .. }) = conn.request.as_ref().map(|r| &r.request.route) else {
             return;
         };
         let owner = shard_of(name, self.0.shared.threads);
         tracing::debug!(pipe = %name, from = self.0.me, to = owner, "handed over");
-        // This core's copy of the descriptor closes when `sock` drops.
-        let Ok(socket) = fd(&conn.sock.0).try_clone_to_owned() else {
-            return;
-        };
         let Connection {
+            sock,
             peer,
             conn,
             open,
             request,
-            ..
         } = conn;
+        // The TLS session leaves with the descriptor; this core never touches the stream
+        // again, and its copy of the descriptor closes when `party` drops, here.
+        let (party, session) = match sock {
+            MaybeTls::Plain(party) => (party, None),
+            MaybeTls::Tls(tls) => {
+                let (party, session) = tls.into_parts();
+                (party, Some(session))
+            }
+        };
+        let Ok(socket) = fd(&party.0).try_clone_to_owned() else {
+            return;
+        };
+        drop(party);
         let handover = Connection {
-            sock: socket,
+            sock: (socket, session),
             peer,
             conn,
             open,
@@ -255,19 +288,19 @@ impl Runtime for Glommio {
 /// A pipe task's mailbox; only its own core writes to it.
 #[derive(Default)]
 struct Inbox {
-    msgs: RefCell<VecDeque<Msg<Party>>>,
+    msgs: RefCell<VecDeque<Msg<Sock>>>,
     waker: RefCell<Option<Waker>>,
 }
 
 impl Inbox {
-    fn send(&self, msg: Msg<Party>) {
+    fn send(&self, msg: Msg<Sock>) {
         self.msgs.borrow_mut().push_back(msg);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
     }
 
-    fn poll_recv(&self, cx: &Context<'_>) -> Poll<Option<Msg<Party>>> {
+    fn poll_recv(&self, cx: &Context<'_>) -> Poll<Option<Msg<Sock>>> {
         let msg = self.msgs.borrow_mut().pop_front();
         if msg.is_none() {
             *self.waker.borrow_mut() = Some(cx.waker().clone());
@@ -277,11 +310,14 @@ impl Inbox {
     }
 }
 
+/// One core's listeners: the main one (HTTPS when TLS is on) and the plain one beside it.
+type Listeners = (std::net::TcpListener, Option<std::net::TcpListener>);
+
 /// The life of one executor: accept until stopped, take connections from the other
 /// cores, then step the shutdown until it is done.
 async fn shard(
     shared: Arc<Shared>,
-    listeners: Arc<Mutex<Vec<std::net::TcpListener>>>,
+    listeners: Arc<Mutex<Vec<Listeners>>>,
     mesh: MeshBuilder<Handover, Full>,
 ) -> io::Result<()> {
     let (peers, mut inbound) = mesh
@@ -289,14 +325,15 @@ async fn shard(
         .await
         .map_err(|e| io::Error::other(format!("cannot join the executors' mesh: {e}")))?;
     let me = peers.peer_id();
-    let std_listener = listeners
+    let (std_listener, std_plain) = listeners
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .pop()
         .ok_or_else(|| io::Error::other("no listener left for this executor"))?;
-    // SAFETY: the descriptor comes from a listener this function owns and gives up here;
-    // nothing else closes or uses it.
+    // SAFETY: the descriptors come from listeners this function owns and gives up here;
+    // nothing else closes or uses them.
     let listener = unsafe { TcpListener::from_raw_fd(std_listener.into_raw_fd()) };
+    let plain = std_plain.map(|l| unsafe { TcpListener::from_raw_fd(l.into_raw_fd()) });
     let rt = Glommio(Rc::new(Core {
         shared: shared.clone(),
         me,
@@ -307,10 +344,16 @@ async fn shard(
         let rt = rt.clone();
         glommio::spawn_local(async move {
             while let Some(h) = receiver.recv().await {
+                let (descriptor, session) = h.sock;
                 let stream =
-                    TcpStream::from(socket2::Socket::from(std::net::TcpStream::from(h.sock)));
+                    TcpStream::from(socket2::Socket::from(std::net::TcpStream::from(descriptor)));
+                let party = Party(stream);
+                let sock = match session {
+                    Some(session) => MaybeTls::Tls(TlsSocket::from_parts(party, session)),
+                    None => MaybeTls::Plain(party),
+                };
                 rt.spawn_connection(Connection {
-                    sock: Party(stream),
+                    sock,
                     peer: h.peer,
                     conn: h.conn,
                     open: h.open,
@@ -322,26 +365,43 @@ async fn shard(
     }
     let stopped = async {
         while !shared.stop.load(Ordering::Relaxed) {
+            // The certificate store is shared: one core reloads it for all.
+            if me == 0 && shared.hangup.swap(false, Ordering::Relaxed) {
+                shared.state.reload_tls();
+            }
             sleep(STOP_POLL).await;
         }
         fanpipe_driver::announce_stop(&rt).await;
         shared.closing.store(true, Ordering::Relaxed);
     };
-    let next = || async {
-        let stream = listener
-            .accept()
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        Ok((Party(stream), peer))
+    let main = fanpipe_driver::accept(&rt, || accept_on(&listener, shared.state.tls()));
+    let beside = async {
+        match &plain {
+            Some(plain) => fanpipe_driver::accept(&rt, || accept_on(plain, None)).await,
+            None => std::future::pending().await,
+        }
     };
-    fanpipe_driver::accept(&rt, next).or(stopped).await;
+    main.or(beside).or(stopped).await;
     drop(listener);
+    drop(plain);
     fanpipe_driver::shut_down(&rt, shared.grace).await;
     Ok(())
+}
+
+/// The next connection on `listener`, wrapped in TLS when `tls` is set.
+async fn accept_on(
+    listener: &TcpListener,
+    tls: Option<&fanpipe_driver::tls::TlsConfig>,
+) -> io::Result<(Sock, SocketAddr)> {
+    let stream = listener
+        .accept()
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    Ok((MaybeTls::accept(Party(stream), tls)?, peer))
 }
 
 /// The descriptor of a glommio socket, borrowed for as long as the socket is.

@@ -17,13 +17,17 @@ use async_io::{Async, Timer};
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::pipe::PeerState;
 use fanpipe_core::Config;
-use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket};
+use fanpipe_driver::tls::{MaybeTls, TlsConfig};
+use fanpipe_driver::{Connection, Listen, Msg, PipeTask, Runtime, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt, Stream};
 
 /// The name of this backend, for `--version`.
 pub const BACKEND: &str = "smol";
 
-type Handle = async_channel::Sender<Msg<Party>>;
+/// A client's socket as the driver drives it: TLS over TCP on an HTTPS listener.
+type Sock = MaybeTls<Party>;
+
+type Handle = async_channel::Sender<Msg<Sock>>;
 
 /// The driver's view of smol: the server's shared state, and the executor its tasks run on.
 #[derive(Clone)]
@@ -33,7 +37,7 @@ struct Smol {
 }
 
 impl Runtime for Smol {
-    type Socket = Party;
+    type Socket = Sock;
     type Timer = Wake;
     type Handle = Handle;
 
@@ -45,13 +49,13 @@ impl Runtime for Smol {
         Wake(Timer::never())
     }
 
-    fn spawn_connection(&self, conn: Connection<Party>) {
+    fn spawn_connection(&self, conn: Connection<Sock>) {
         let rt = self.clone();
         let task = async move { fanpipe_driver::serve_connection(&rt, conn).await };
         self.executor.spawn(task).detach();
     }
 
-    fn spawn_pipe(&self, mut task: PipeTask<Party, Wake>) -> Handle {
+    fn spawn_pipe(&self, mut task: PipeTask<Sock, Wake>) -> Handle {
         let (tx, rx) = async_channel::unbounded();
         let mut rx = Box::pin(rx);
         let server = self.server.clone();
@@ -63,50 +67,67 @@ impl Runtime for Smol {
         tx
     }
 
-    fn send(&self, to: &Handle, msg: Msg<Party>) {
+    fn send(&self, to: &Handle, msg: Msg<Sock>) {
         let _ = to.try_send(msg);
     }
 }
 
-/// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
-/// connections, waiting parties let go, running transfers given `grace` to finish.
-/// Tasks are spawned on `executor`, which the caller runs on as many threads as it likes.
+/// Serves on `listener` (HTTPS when `tls` is set) and on `plain` (plain HTTP) until
+/// `shutdown` completes, then shuts down gracefully: no new connections, waiting parties
+/// let go, running transfers given `grace` to finish. Each message of `hangups` reloads
+/// the certificate. Tasks are spawned on `executor`, which the caller runs on as many
+/// threads as it likes.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     executor: Arc<Executor<'static>>,
     listener: Async<TcpListener>,
+    plain: Option<Async<TcpListener>>,
+    tls: Option<TlsConfig>,
     config: Config,
     grace: Duration,
+    hangups: async_channel::Receiver<()>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let rt = Smol {
-        server: Arc::new(ServerState::new(config)),
+        server: Arc::new(ServerState::new(config).with_tls(tls)),
         executor,
     };
-    let next = || async {
-        let (stream, peer) = listener.accept().await?;
-        let _ = stream.get_ref().set_nodelay(true);
-        Ok((Party(stream), peer))
+    let main = fanpipe_driver::accept(&rt, || accept_on(&listener, rt.server.tls()));
+    let beside = async {
+        match &plain {
+            Some(plain) => fanpipe_driver::accept(&rt, || accept_on(plain, None)).await,
+            None => std::future::pending().await,
+        }
     };
     let stop = async {
         shutdown.await;
         fanpipe_driver::announce_stop(&rt).await;
     };
-    fanpipe_driver::accept(&rt, next).or(stop).await;
+    let reload = async {
+        while hangups.recv().await.is_ok() {
+            rt.server.reload_tls();
+        }
+        std::future::pending().await
+    };
+    main.or(beside).or(reload).or(stop).await;
     drop(listener);
+    drop(plain);
     fanpipe_driver::shut_down(&rt, grace).await;
     Ok(())
 }
 
-/// Binds `addr` and serves until SIGINT or SIGTERM, on `threads` threads.
-pub fn run(
-    addr: SocketAddr,
-    config: Config,
-    threads: usize,
-    grace: Duration,
-    on_bound: impl FnOnce(SocketAddr),
-) -> io::Result<()> {
-    let signals =
-        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
+/// The next connection on `listener`, wrapped in TLS when `tls` is set.
+async fn accept_on(
+    listener: &Async<TcpListener>,
+    tls: Option<&TlsConfig>,
+) -> io::Result<(Sock, SocketAddr)> {
+    let (stream, peer) = listener.accept().await?;
+    let _ = stream.get_ref().set_nodelay(true);
+    Ok((MaybeTls::accept(Party(stream), tls)?, peer))
+}
+
+/// Binds a listener on `addr`.
+fn bind(addr: SocketAddr) -> io::Result<Async<TcpListener>> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -115,8 +136,28 @@ pub fn run(
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    let listener = Async::new(TcpListener::from(socket))?;
-    on_bound(listener.get_ref().local_addr()?);
+    Async::new(TcpListener::from(socket))
+}
+
+/// Binds `listen` and serves until SIGINT or SIGTERM, on `threads` threads; SIGHUP
+/// reloads the certificate. `on_bound` gets the main address and the plain one beside
+/// it, if any.
+pub fn run(
+    listen: Listen,
+    config: Config,
+    threads: usize,
+    grace: Duration,
+    on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
+) -> io::Result<()> {
+    use async_signal::Signal;
+    let signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])?;
+    let listener = bind(listen.addr)?;
+    let plain = listen.plain.map(bind).transpose()?;
+    let plain_addr = plain
+        .as_ref()
+        .map(|p| p.get_ref().local_addr())
+        .transpose()?;
+    on_bound(listener.get_ref().local_addr()?, plain_addr);
     let executor = Arc::new(Executor::new());
     let (stop, stopped) = async_channel::bounded::<()>(1);
     let workers: Vec<_> = (1..threads)
@@ -127,15 +168,26 @@ pub fn run(
                 .spawn(move || async_io::block_on(ex.run(stopped.recv())))
         })
         .collect::<io::Result<_>>()?;
+    let (hangup, hangups) = async_channel::unbounded();
     let stop_signal = async move {
         let mut signals = signals;
-        let _ = futures_lite::StreamExt::next(&mut signals).await;
+        while let Some(signal) = futures_lite::StreamExt::next(&mut signals).await {
+            match signal {
+                Ok(Signal::Hup) => {
+                    let _ = hangup.try_send(());
+                }
+                _ => return,
+            }
+        }
     };
     let served = async_io::block_on(executor.run(serve(
         executor.clone(),
         listener,
+        plain,
+        listen.tls,
         config,
         grace,
+        hangups,
         stop_signal,
     )));
     drop(stop);

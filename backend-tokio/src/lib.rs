@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::pipe::PeerState;
 use fanpipe_core::Config;
-use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket, Timer};
+use fanpipe_driver::tls::MaybeTls;
+use fanpipe_driver::{Connection, Listen, Msg, PipeTask, Runtime, ServerState, Socket, Timer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -23,7 +24,10 @@ use tokio::time::{sleep_until, Sleep};
 /// The name of this backend, for `--version`.
 pub const BACKEND: &str = "tokio";
 
-type Handle = mpsc::UnboundedSender<Msg<Party>>;
+/// A client's socket as the driver drives it: TLS over TCP on an HTTPS listener.
+type Sock = MaybeTls<Party>;
+
+type Handle = mpsc::UnboundedSender<Msg<Sock>>;
 
 /// The driver's view of tokio: the server's shared state, and tokio's tasks.
 #[derive(Clone)]
@@ -32,7 +36,7 @@ struct Tokio {
 }
 
 impl Runtime for Tokio {
-    type Socket = Party;
+    type Socket = Sock;
     type Timer = Wake;
     type Handle = Handle;
 
@@ -44,12 +48,12 @@ impl Runtime for Tokio {
         Wake(Box::pin(sleep_until(tokio::time::Instant::now())))
     }
 
-    fn spawn_connection(&self, conn: Connection<Party>) {
+    fn spawn_connection(&self, conn: Connection<Sock>) {
         let rt = self.clone();
         tokio::spawn(async move { fanpipe_driver::serve_connection(&rt, conn).await });
     }
 
-    fn spawn_pipe(&self, mut task: PipeTask<Party, Wake>) -> Handle {
+    fn spawn_pipe(&self, mut task: PipeTask<Sock, Wake>) -> Handle {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let server = self.server.clone();
         tokio::spawn(async move {
@@ -58,58 +62,96 @@ impl Runtime for Tokio {
         tx
     }
 
-    fn send(&self, to: &Handle, msg: Msg<Party>) {
+    fn send(&self, to: &Handle, msg: Msg<Sock>) {
         let _ = to.send(msg);
     }
 }
 
-/// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
-/// connections, waiting parties let go, running transfers given `grace` to finish.
+/// Serves on `listener` (HTTPS when `tls` is set) and on `plain` (plain HTTP) until
+/// `shutdown` completes, then shuts down gracefully: no new connections, waiting parties
+/// let go, running transfers given `grace` to finish. SIGHUP reloads the certificate.
 pub async fn serve(
     listener: TcpListener,
+    plain: Option<TcpListener>,
+    tls: Option<fanpipe_driver::tls::TlsConfig>,
     config: Config,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let rt = Tokio {
-        server: Arc::new(ServerState::new(config)),
+        server: Arc::new(ServerState::new(config).with_tls(tls)),
     };
-    let next = || async {
-        let (stream, peer) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        Ok((Party(stream), peer))
+    let main = fanpipe_driver::accept(&rt, || accept_on(&listener, rt.server.tls()));
+    let beside = async {
+        match &plain {
+            Some(plain) => fanpipe_driver::accept(&rt, || accept_on(plain, None)).await,
+            None => std::future::pending().await,
+        }
     };
     tokio::select! {
-        () = fanpipe_driver::accept(&rt, next) => {}
+        () = main => {}
+        () = beside => {}
+        () = reload_on_hangup(&rt.server) => {}
         () = async { shutdown.await; fanpipe_driver::announce_stop(&rt).await } => {}
     }
     drop(listener);
+    drop(plain);
     fanpipe_driver::shut_down(&rt, grace).await;
     Ok(())
 }
 
-/// Binds `addr` and serves until SIGINT or SIGTERM, on `threads` worker threads.
+/// The next connection on `listener`, wrapped in TLS when `tls` is set.
+async fn accept_on(
+    listener: &TcpListener,
+    tls: Option<&fanpipe_driver::tls::TlsConfig>,
+) -> io::Result<(Sock, SocketAddr)> {
+    let (stream, peer) = listener.accept().await?;
+    let _ = stream.set_nodelay(true);
+    Ok((MaybeTls::accept(Party(stream), tls)?, peer))
+}
+
+/// Reloads the certificate on each SIGHUP, forever.
+async fn reload_on_hangup(server: &ServerState<Handle>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return std::future::pending().await;
+    };
+    while hup.recv().await.is_some() {
+        server.reload_tls();
+    }
+    std::future::pending().await
+}
+
+/// Binds a listener on `addr`.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG as u32)
+}
+
+/// Binds `listen` and serves until SIGINT or SIGTERM, on `threads` worker threads.
+/// `on_bound` gets the main address and the plain one beside it, if any.
 pub fn run(
-    addr: SocketAddr,
+    listen: Listen,
     config: Config,
     threads: usize,
     grace: Duration,
-    on_bound: impl FnOnce(SocketAddr),
+    on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let socket = match addr {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(LISTEN_BACKLOG as u32)?;
-        on_bound(listener.local_addr()?);
-        serve(listener, config, grace, stop_signal()).await
+        let listener = bind(listen.addr)?;
+        let plain = listen.plain.map(bind).transpose()?;
+        let plain_addr = plain.as_ref().map(TcpListener::local_addr).transpose()?;
+        on_bound(listener.local_addr()?, plain_addr);
+        serve(listener, plain, listen.tls, config, grace, stop_signal()).await
     })
 }
 

@@ -61,6 +61,8 @@ pub struct Conn {
     discard: Vec<u8>,
     discarded: usize,
     refused: Option<Reject>,
+    /// The client came through TLS: the URLs shown to it are `https://`.
+    tls: bool,
 }
 
 /// Most bytes read and thrown away while lingering before a close.
@@ -102,7 +104,14 @@ impl Conn {
             discard: Vec::new(),
             discarded: 0,
             refused: None,
+            tls: false,
         }
+    }
+
+    /// Says the connection came through TLS (the driver knows; the request cannot tell),
+    /// so the server's own URLs on its pages are `https://`.
+    pub fn set_tls(&mut self, tls: bool) {
+        self.tls = tls;
     }
 
     /// Starts a connection on bytes already read (a keep-alive connection handed back).
@@ -265,10 +274,15 @@ impl Conn {
             return;
         };
         self.head_started = None;
-        let req = match parsed.and_then(|h| interpret(&h, self.config.max_receivers)) {
+        let mut req = match parsed.and_then(|h| interpret(&h, self.config.max_receivers)) {
             Ok(req) => req,
             Err(why) => return self.refuse(&why, now),
         };
+        if self.tls {
+            if let Some(rest) = req.base_url.strip_prefix("http://") {
+                req.base_url = format!("https://{rest}");
+            }
+        }
         let keep = req.keep_alive && !req.has_body();
         match &req.route {
             Route::Pipe { .. } => {
@@ -417,5 +431,20 @@ mod tests {
         assert!(out.contains("Access-Control-Allow-Headers: content-type\r\n"));
         assert!(out.contains("Access-Control-Allow-Methods: GET, HEAD, POST, PUT, OPTIONS\r\n"));
         assert!(out.contains("Access-Control-Max-Age: "));
+    }
+
+    #[test]
+    fn the_usage_page_shows_https_for_a_tls_connection() {
+        let now = Instant::now();
+        for (tls, scheme) in [(false, "http://"), (true, "https://")] {
+            let mut c = Conn::new(&Config::default(), now);
+            c.set_tls(tls);
+            let input = b"GET / HTTP/1.1\r\nHost: pipe.example\r\n\r\n";
+            c.read_buf()[..input.len()].copy_from_slice(input);
+            c.handle_read(input.len(), now);
+            assert_eq!(c.poll_action(), Action::Write);
+            let out = String::from_utf8_lossy(c.output()).into_owned();
+            assert!(out.contains(&format!("{scheme}pipe.example/")), "{out}");
+        }
     }
 }

@@ -38,11 +38,12 @@ pub fn poll_conn<S: Socket, T: Timer>(
                     _ => conn.handle_error(),
                 })
             }
-            Action::Shutdown => {
-                sock.shutdown_write(cx);
-                conn.handle_shutdown(timer.now());
-                Poll::Ready(())
-            }
+            // A clean end: TLS's close_notify (flushed) before the FIN. Bounded by the
+            // write deadline the `Conn` keeps until the shutdown is done.
+            Action::Shutdown => sock.poll_shutdown(cx).map(|r| match r {
+                Ok(()) => conn.handle_shutdown(timer.now()),
+                Err(_) => conn.handle_error(),
+            }),
             Action::HubPage => {
                 if let Some(page) = conn.hub_page() {
                     let (status, text) = hub_page(page);

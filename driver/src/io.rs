@@ -38,6 +38,20 @@ pub trait Socket {
         self.shutdown_write(cx);
         Poll::Ready(Ok(()))
     }
+
+    /// The end of a cut or failed exchange: bytes the socket still holds go out, then the
+    /// FIN, with no clean end of its own protocol (TLS sends no close_notify), so that the
+    /// client tells it from a whole response. A plain socket just sends its FIN.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shutdown_write(cx);
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether the client speaks to this socket through TLS (for the URLs the server
+    /// shows it).
+    fn is_tls(&self) -> bool {
+        false
+    }
 }
 
 /// The runtime's clock, and a wake-up the task re-arms to the core's next deadline. The

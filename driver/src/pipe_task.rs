@@ -1,6 +1,7 @@
 //! The task that owns one pipe and all of its sockets.
 
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use fanpipe_core::conn::PipeRequest;
 use fanpipe_core::hub::{Phase, PipeParams};
@@ -20,10 +21,64 @@ pub enum Msg<S> {
     Phase(Phase),
 }
 
+/// How a party's socket ends once the core has said its last byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// A whole exchange: [`Socket::poll_shutdown`] (TLS: close_notify, then the FIN).
+    Clean,
+    /// A cut or failed exchange: [`Socket::poll_cut`] (the FIN alone).
+    Cut,
+    /// Closed at once by the core: what the socket still holds of bytes the core counts
+    /// as written (a TLS socket's records) goes out with [`Socket::poll_flush`], then
+    /// the socket is dropped, with no close_notify, as a plain socket is at once.
+    Drop,
+}
+
+/// A party's socket and how far its end has gone.
+struct Slot<S> {
+    sock: S,
+    /// Counts the connection as open until dropped with its socket.
+    _open: OpenConn,
+    /// The end the core asked for, and whether the socket has finished it.
+    ending: Option<(Ending, bool)>,
+}
+
+impl<S: Socket> Slot<S> {
+    /// Steps the socket's end; ready once it is done (or failed: nothing more to send).
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some((how, done)) = &mut self.ending else {
+            return Poll::Ready(());
+        };
+        if !*done {
+            let polled = match how {
+                Ending::Clean => self.sock.poll_shutdown(cx),
+                Ending::Cut => self.sock.poll_cut(cx),
+                Ending::Drop => self.sock.poll_flush(cx),
+            };
+            if polled.is_pending() {
+                return Poll::Pending;
+            }
+            *done = true;
+        }
+        Poll::Ready(())
+    }
+}
+
+/// A socket the core has closed, whose end (records a TLS socket still holds, its
+/// close_notify, the FIN) is still on its way out, until `until`.
+struct Closing<S> {
+    slot: Slot<S>,
+    until: Instant,
+}
+
 /// The task that owns one pipe and all of its sockets, so the data path takes no lock.
 pub struct PipeTask<S, T> {
     pipe: Pipe,
-    sockets: Vec<Option<(S, OpenConn)>>,
+    sockets: Vec<Option<Slot<S>>>,
+    /// Closed by the core, still sending their end.
+    ending: Vec<Closing<S>>,
+    /// How long a closed socket may take to send its end.
+    write_timeout: Duration,
     timer: T,
     /// The registry no longer routes anyone here.
     gone: bool,
@@ -35,6 +90,8 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
         PipeTask {
             pipe: Pipe::new(&params.name, params.n, config),
             sockets: Vec::new(),
+            ending: Vec::new(),
+            write_timeout: config.write_timeout,
             timer,
             gone: false,
             params,
@@ -82,7 +139,11 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
                         let (socket, request, open) = *arrival;
                         let role = request.role();
                         self.pipe.join(request, role, now);
-                        self.sockets.push(Some((socket, open)));
+                        self.sockets.push(Some(Slot {
+                            sock: socket,
+                            _open: open,
+                            ending: None,
+                        }));
                     }
                     // The server's phase, in the pipe's own terms.
                     Msg::Phase(Phase::Running) => {}
@@ -98,13 +159,22 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
                 moved = true;
                 self.gone |= report(&self.params.name, self.params.id, event);
             }
-            if let Some(due) = self.pipe.poll_timeout() {
+            moved |= self.poll_ending(cx, now);
+            let ends = self.ending.iter().map(|e| e.until).min();
+            let due = match (self.pipe.poll_timeout(), ends) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(due) = due {
                 if due <= now || self.timer.poll_at(cx, due).is_ready() {
-                    self.pipe.handle_timeout(self.timer.now());
+                    let now = self.timer.now();
+                    self.pipe.handle_timeout(now);
+                    // Past its deadline a socket's end is given up: dropped, as a cut.
+                    self.ending.retain(|e| e.until > now);
                     moved = true;
                 }
             }
-            if self.gone && self.pipe.is_idle() {
+            if self.gone && self.pipe.is_idle() && self.ending.is_empty() {
                 return Poll::Ready(());
             }
             if !moved {
@@ -113,24 +183,56 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
         }
     }
 
+    /// Steps the ends of closed sockets; drops each once its end is out.
+    fn poll_ending(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        let before = self.ending.len();
+        self.ending
+            .retain_mut(|e| e.until > now && e.slot.poll_end(cx).is_pending());
+        self.ending.len() != before
+    }
+
     /// One party's socket: close, shut down, write and read as the core says.
-    fn party_io(&mut self, cx: &mut Context<'_>, p: usize, now: std::time::Instant) -> bool {
-        let Some((sock, _)) = self.sockets[p].as_mut() else {
+    fn party_io(&mut self, cx: &mut Context<'_>, p: usize, now: Instant) -> bool {
+        let Some(slot) = self.sockets[p].as_mut() else {
             return false;
         };
         if self.pipe.is_closed(p) {
-            self.sockets[p] = None;
+            // A socket the core ended cleanly (or after flushing a cut's last bytes)
+            // finishes that end first; one it closed at once sends what it holds and is
+            // dropped: a cut.
+            let mut slot = self.sockets[p].take().expect("the slot is here");
+            if slot.ending.is_none() {
+                slot.ending = Some((Ending::Drop, false));
+            }
+            if slot.poll_end(cx).is_pending() {
+                self.ending.push(Closing {
+                    slot,
+                    until: now + self.write_timeout,
+                });
+            }
             return true;
         }
         let mut moved = false;
         if self.pipe.take_check(p) {
-            self.pipe.handle_peer(p, sock.peer_state(), now);
+            self.pipe.handle_peer(p, slot.sock.peer_state(), now);
             moved = true;
         }
         if self.pipe.take_shutdown(p) {
-            sock.shutdown_write(cx);
+            // The core closes at once after a flush that ends a failed exchange; after a
+            // whole one it lingers, reading, and the socket says so with its clean end.
+            let how = if self.pipe.is_closed(p) {
+                Ending::Cut
+            } else {
+                Ending::Clean
+            };
+            slot.ending = Some((how, false));
             moved = true;
         }
+        if slot.ending.is_some() {
+            // Stepped as the socket allows; reads below go on meanwhile (the linger).
+            let _ = slot.poll_end(cx);
+        }
+        let sock = &mut slot.sock;
         let slices = self.pipe.write_slices(p);
         if slices.total() > 0 {
             match sock.poll_write_vectored(cx, &slices) {
@@ -143,6 +245,13 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
                     return true;
                 }
                 Poll::Pending => {}
+            }
+        } else if slot.ending.is_none() {
+            // Nothing new to write: what the socket still holds (a TLS socket's records
+            // from a write the socket could not take whole) goes out now.
+            if let Poll::Ready(Err(_)) = sock.poll_flush(cx) {
+                self.pipe.handle_error(p, now);
+                return true;
             }
         }
         for _ in 0..READS_PER_TURN {

@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use fanpipe_core::conn::{Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
-use fanpipe_core::request::Route;
+use fanpipe_core::request::{Page, Route};
 use fanpipe_core::Config;
 
 use crate::conn::poll_conn;
 use crate::io::{sleep_until, Socket, Timer};
 use crate::pipe_task::{Msg, PipeTask};
 use crate::runtime::Runtime;
+use crate::tls::TlsConfig;
 
 /// How long to wait after a failed accept (out of descriptors and the like) rather than
 /// spin on the error.
@@ -28,6 +29,8 @@ pub struct ServerState<H> {
     pub config: Config,
     pub connections: Connections,
     hub: Mutex<Hub<H>>,
+    /// The certificate store when the server speaks HTTPS (see [`ServerState::with_tls`]).
+    tls: Option<TlsConfig>,
 }
 
 impl<H> ServerState<H> {
@@ -36,7 +39,44 @@ impl<H> ServerState<H> {
             hub: Mutex::new(Hub::new(&config)),
             connections: Connections::default(),
             config,
+            tls: None,
         }
+    }
+
+    /// Serves HTTPS with `tls` (when `Some`): its counters join `/metrics`, and
+    /// [`ServerState::reload_tls`] reloads it.
+    pub fn with_tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The certificate store, when the server speaks HTTPS: what a backend wraps each
+    /// accepted stream with ([`crate::tls::MaybeTls::accept`]).
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        self.tls.as_ref()
+    }
+
+    /// On `SIGHUP`: reads the certificate and key again for the handshakes to come. A bad
+    /// file is logged and the old certificate kept; running connections are untouched.
+    pub fn reload_tls(&self) {
+        let Some(tls) = &self.tls else {
+            tracing::info!("SIGHUP: no certificate to reload (TLS is off)");
+            return;
+        };
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+            Err(e) => tracing::error!("SIGHUP: certificate not reloaded, the old one stays: {e}"),
+        }
+    }
+
+    /// A page of the server's state, as its status and text (see `Hub::page`): `/metrics`
+    /// gets the TLS counters after the hub's series when TLS is on.
+    pub fn hub_page(&self, page: Page) -> (u16, String) {
+        let (status, mut text) = self.hub().page(page, self.connections.count());
+        if let (Page::Metrics, Some(tls)) = (page, &self.tls) {
+            tls.stats().render(&mut text);
+        }
+        (status, text)
     }
 
     /// The hub, locked; held only to admit, report or step a shutdown.
@@ -61,10 +101,32 @@ impl<H> ServerState<H> {
                 sock,
                 timer,
                 |why| self.hub().refused(peer, why),
-                |page| self.hub().page(page, self.connections.count()),
+                |page| self.hub_page(page),
             )
         })
         .await
+    }
+}
+
+/// Where a backend listens, and whether it speaks HTTPS there.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// The main address: HTTPS when `tls` is set, else plain HTTP.
+    pub addr: SocketAddr,
+    /// Plain HTTP beside HTTPS (`--listen-plain`); only with `tls`.
+    pub plain: Option<SocketAddr>,
+    /// The certificate store: each stream accepted on `addr` is wrapped in TLS.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Listen {
+    /// Plain HTTP on `addr` alone.
+    pub fn plain(addr: SocketAddr) -> Self {
+        Listen {
+            addr,
+            plain: None,
+            tls: None,
+        }
     }
 }
 
@@ -109,6 +171,7 @@ pub fn accepted<R: Runtime>(rt: &R, sock: R::Socket, peer: SocketAddr, now: Inst
     let server = rt.server();
     let (open, full) = server.connections.open(server.config.max_connections);
     let mut conn = Conn::new(&server.config, now);
+    conn.set_tls(sock.is_tls());
     if let Some(why) = full {
         conn.handle_refused(&why, now);
     }

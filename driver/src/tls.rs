@@ -60,8 +60,10 @@ use crate::Socket;
 #[cfg(test)]
 mod tests;
 
-/// The one application protocol offered: fanpipe speaks HTTP/1.1 only.
+/// The application protocols offered: fanpipe speaks HTTP/1.1, and HTTP/1.0.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// HTTP/1.0, which fanpipe also serves (a receiver of a body of known length).
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
 /// How much plaintext waiting for the handshake and how many encrypted bytes waiting for
 /// the socket rustls may hold per connection. Past it writes return `Pending`, so a slow
@@ -300,7 +302,9 @@ fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError>
             }
             e => TlsError::Rejected(e),
         })?;
-    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    // HTTP/1.0 too: a client that offers only it (curl --http1.0) is served, not refused
+    // with no_application_protocol.
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -676,6 +680,22 @@ impl<S: Socket> Socket for TlsSocket<S> {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// Records still queued, flushed, then the FIN, with no close_notify: the client sees
+    /// the stream end short of a clean TLS close.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.session.closing = true;
+        ready!(self.flush_tls(cx))?;
+        if !self.session.fin_sent {
+            ready!(self.inner.poll_shutdown(cx))?;
+            self.session.fin_sent = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
 }
 
 /// A backend's socket with TLS on or off, so one `PipeTask` type serves both.
@@ -739,6 +759,17 @@ impl<S: Socket> Socket for MaybeTls<S> {
             MaybeTls::Plain(s) => s.peer_state(),
             MaybeTls::Tls(s) => s.peer_state(),
         }
+    }
+
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            MaybeTls::Plain(s) => s.poll_cut(cx),
+            MaybeTls::Tls(s) => s.poll_cut(cx),
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self, MaybeTls::Tls(_))
     }
 }
 

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 mod backend;
+pub mod tls;
 
 pub use backend::{current, run_on, spawn_server, Backend};
 
@@ -53,13 +54,23 @@ pub struct Server {
     watchdog_stop: Option<mpsc::Sender<()>>,
     watchdog: Option<JoinHandle<()>>,
     watchdog_fired: Arc<AtomicBool>,
+    /// The server speaks HTTPS on its address.
+    tls: bool,
 }
 
 impl Server {
     /// Starts a server with `--listen 127.0.0.1:0` and `extra` flags, and waits for its
-    /// `listening on http://ADDR` line on stderr.
+    /// `listening on http://ADDR` line on stderr (`https://` with `--tls-cert`, which
+    /// `FANPIPE_TLS=1` adds with the suite's certificate when `extra` has none).
     pub fn start(extra: &[&str]) -> Server {
         let bin = server_binary();
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        if tls::enabled() && !extra.contains(&"--tls-cert") {
+            args.extend(tls::server_flags());
+        }
+        let tls = args.iter().any(|a| a == "--tls-cert");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let extra = &args[..];
         let mut child = spawn_server(&bin, extra);
         let stderr = child.stderr.take().expect("server stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -100,7 +111,13 @@ impl Server {
             watchdog_stop: Some(stop_tx),
             watchdog: Some(watchdog),
             watchdog_fired: fired,
+            tls,
         }
+    }
+
+    /// Whether the server speaks HTTPS on [`Server::addr`].
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -111,9 +128,10 @@ impl Server {
         self.child.id()
     }
 
-    /// `http://127.0.0.1:PORT` + `path` (which starts with `/`).
+    /// `http://127.0.0.1:PORT` + `path` (which starts with `/`); `https://` over TLS.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.addr, path)
     }
 
     /// The URL of pipe `name` under the documented prefix, with `?n=` when `n` is given.
@@ -198,9 +216,15 @@ fn drain_server_log(
     }
 }
 
-/// The address in a line containing `listening on http://ADDR`.
+/// The address in a line containing `listening on http://ADDR` (or `https://ADDR`).
 fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let start = line.find("listening on http://")? + "listening on http://".len();
+    let at = line.find("listening on ")? + "listening on ".len();
+    let rest = &line[at..];
+    let start = at
+        + ["http://", "https://"]
+            .iter()
+            .find(|s| rest.starts_with(*s))?
+            .len();
     let addr: String = line[start..]
         .chars()
         .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
@@ -507,7 +531,26 @@ pub fn curl() -> Command {
     cmd.args(["-q", "-sS", "--noproxy", "*", "--max-time"])
         .arg(CURL_MAX_TIME.to_string())
         .stdin(Stdio::null());
+    if tls::enabled() {
+        cmd.arg("--cacert").arg(tls::suite().pki.ca_file());
+    }
     cmd
+}
+
+/// `http://ADDR` + `path` (which starts with `/`); `https://` with `FANPIPE_TLS=1`.
+pub fn url_for(addr: SocketAddr, path: &str) -> String {
+    let scheme = if tls::enabled() { "https" } else { "http" };
+    format!("{scheme}://{addr}{path}")
+}
+
+/// A TCP connection to the server at `addr` that carries plain HTTP either way: with
+/// `FANPIPE_TLS=1`, through a TLS bridge ([`tls::bridge`]).
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    if tls::enabled() {
+        tls::bridge(addr, tls::suite().client.clone())
+    } else {
+        TcpStream::connect(addr)
+    }
 }
 
 /// The answer to a simple request made with `curl -i`.
@@ -1220,11 +1263,21 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(server: &Server) -> Raw {
-        Raw::connect_addr(server.addr())
+        let stream = if server.is_tls() {
+            tls::bridge(server.addr(), tls::suite().client.clone())
+        } else {
+            TcpStream::connect(server.addr())
+        };
+        Raw::over(stream.expect("connect to the server"))
     }
 
+    /// Connects to `addr` (through TLS with `FANPIPE_TLS=1`, see [`connect`]).
     pub fn connect_addr(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect(addr).expect("connect to the server");
+        Raw::over(connect(addr).expect("connect to the server"))
+    }
+
+    /// A raw client on a stream already connected.
+    pub fn over(stream: TcpStream) -> Raw {
         stream.set_nodelay(true).expect("set TCP_NODELAY");
         stream
             .set_read_timeout(Some(RAW_READ_TIMEOUT))
@@ -1240,7 +1293,9 @@ impl Raw {
 
     /// Connects and writes `bytes`.
     pub fn open(server: &Server, bytes: &[u8]) -> Raw {
-        Raw::open_addr(server.addr(), bytes)
+        let mut raw = Raw::connect(server);
+        raw.send(bytes);
+        raw
     }
 
     pub fn open_addr(addr: SocketAddr, bytes: &[u8]) -> Raw {

@@ -364,10 +364,6 @@ impl Pipe {
         match &mut party.state {
             State::Closing { shutdown, .. } if *shutdown && flushed => {
                 *shutdown = false;
-                if party.eof {
-                    // Nothing is left to linger for.
-                    party.state = State::Closed;
-                }
                 true
             }
             State::Flushing { .. } if flushed => {

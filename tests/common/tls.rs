@@ -1,0 +1,297 @@
+//! The conformance suite over HTTPS. With `FANPIPE_TLS=1`, [`crate::common::Server::start`]
+//! gives the server a certificate made at test time (signed by a test CA, for `localhost`
+//! and `127.0.0.1`), its URLs are `https://`, [`crate::common::curl`] trusts the CA, and
+//! raw clients ([`connect`]) reach the server through a TLS bridge on a loopback port, so
+//! a test's bytes are the same either way.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+/// Whether this run of the suite speaks HTTPS (`FANPIPE_TLS=1`).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FANPIPE_TLS").is_ok_and(|v| v == "1"))
+}
+
+/// A test CA, and a way to sign leaf certificates with it.
+pub struct Pki {
+    pub ca_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    pub dir: PathBuf,
+}
+
+/// A leaf certificate and its key, as PEM.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Pki {
+    /// A new CA, its certificate written to `dir/ca.pem`.
+    pub fn new(dir: PathBuf) -> Pki {
+        let mut params = CertificateParams::new(Vec::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "fanpipe test CA");
+        let key = KeyPair::generate().expect("CA key");
+        let ca = params.self_signed(&key).expect("CA certificate");
+        std::fs::create_dir_all(&dir).expect("PKI directory");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca.pem");
+        Pki {
+            ca_der: ca.der().clone(),
+            issuer: Issuer::new(params, key),
+            dir,
+        }
+    }
+
+    /// A leaf certificate for `localhost` and `127.0.0.1`, named `label`.
+    pub fn leaf(&self, label: &str) -> Leaf {
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, label);
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// Writes `leaf` to `dir/NAME.crt` and `dir/NAME.key`; returns the two paths.
+    pub fn write(&self, leaf: &Leaf, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, &leaf.cert_pem).expect("write the certificate");
+        std::fs::write(&key, &leaf.key_pem).expect("write the key");
+        (cert, key)
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A rustls client config that trusts this CA (HTTP/1.1 by ALPN).
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der.clone()).expect("add the CA");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// This process's CA and the server certificate of the suite over HTTPS.
+pub struct Suite {
+    pub pki: Pki,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client: Arc<ClientConfig>,
+}
+
+/// Made once per test binary, in a directory of the system's temp dir.
+pub fn suite() -> &'static Suite {
+    static SUITE: OnceLock<Suite> = OnceLock::new();
+    SUITE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fanpipe-tls-suite-{}", std::process::id()));
+        let pki = Pki::new(dir);
+        let (cert, key) = pki.write(&pki.leaf("fanpipe test server"), "server");
+        let client = pki.client_config();
+        Suite {
+            pki,
+            cert,
+            key,
+            client,
+        }
+    })
+}
+
+/// The flags that make the server serve HTTPS with the suite's certificate.
+pub fn server_flags() -> Vec<String> {
+    let s = suite();
+    vec![
+        "--tls-cert".into(),
+        s.cert.display().to_string(),
+        "--tls-key".into(),
+        s.key.display().to_string(),
+    ]
+}
+
+/// A plain TCP connection that reaches `server` (an HTTPS port) through a TLS client of
+/// its own: a thread on a loopback port speaks TLS to the server and plaintext to the
+/// caller. The ends are passed on: the caller's FIN becomes close_notify and a FIN; the
+/// server's close_notify or FIN becomes a FIN; a TLS error or a reset closes both ways.
+pub fn bridge(server: SocketAddr, config: Arc<ClientConfig>) -> io::Result<TcpStream> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let local = listener.local_addr()?;
+    let upstream = TcpStream::connect(server)?;
+    thread::Builder::new()
+        .name("tls-bridge".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            if let Ok((plain, _)) = listener.accept() {
+                drop(listener);
+                run_bridge(plain, upstream, config);
+            }
+        })?;
+    TcpStream::connect(local)
+}
+
+/// The bytes the TLS client wants to send, sent in order under `out`'s lock.
+fn flush(conn: &Mutex<ClientConnection>, out: &Mutex<TcpStream>) -> io::Result<()> {
+    let mut sock = out.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let mut bytes = Vec::new();
+        {
+            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            while c.wants_write() {
+                c.write_tls(&mut bytes)?;
+            }
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        sock.write_all(&bytes)?;
+    }
+}
+
+fn run_bridge(plain: TcpStream, upstream: TcpStream, config: Arc<ClientConfig>) {
+    let _ = plain.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let name = ServerName::try_from("localhost").expect("server name");
+    let conn = Arc::new(Mutex::new(
+        ClientConnection::new(config, name).expect("TLS client"),
+    ));
+    let (Ok(up_reader), Ok(up_writer), Ok(mut plain_writer)) =
+        (plain.try_clone(), upstream.try_clone(), plain.try_clone())
+    else {
+        return;
+    };
+    let out = Arc::new(Mutex::new(up_writer));
+    let _ = flush(&conn, &out);
+    // Caller to server: plaintext in, records out.
+    let up = {
+        let (conn, out) = (conn.clone(), out.clone());
+        let mut from = up_reader;
+        thread::Builder::new()
+            .name("tls-bridge-up".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let mut buf = vec![0; 16 * 1024];
+                loop {
+                    match from.read(&mut buf) {
+                        Ok(0) => {
+                            // A close_notify mid-handshake would end the handshake, not
+                            // the request: the caller's plaintext waits for the keys.
+                            let until = std::time::Instant::now() + Duration::from_secs(10);
+                            while conn
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .is_handshaking()
+                                && std::time::Instant::now() < until
+                            {
+                                thread::sleep(Duration::from_millis(2));
+                            }
+                            conn.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .send_close_notify();
+                            let _ = flush(&conn, &out);
+                            let sock = out.lock().unwrap_or_else(|e| e.into_inner());
+                            let _ = sock.shutdown(Shutdown::Write);
+                            return;
+                        }
+                        Ok(n) => {
+                            let wrote = conn
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .writer()
+                                .write_all(&buf[..n]);
+                            if wrote.is_err() || flush(&conn, &out).is_err() {
+                                let _ = from.shutdown(Shutdown::Both);
+                                return;
+                            }
+                        }
+                        Err(_) => {
+                            let sock = out.lock().unwrap_or_else(|e| e.into_inner());
+                            let _ = sock.shutdown(Shutdown::Both);
+                            return;
+                        }
+                    }
+                }
+            })
+    };
+    // Server to caller: records in, plaintext out.
+    let mut from = upstream;
+    let mut buf = vec![0; 32 * 1024];
+    let mut plaintext = vec![0; 32 * 1024];
+    'down: loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break 'down,
+            Ok(n) => n,
+            Err(_) => {
+                let _ = plain.shutdown(Shutdown::Both);
+                break 'down;
+            }
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let processed = {
+                let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+                match c.read_tls(&mut rest) {
+                    Ok(_) => c.process_new_packets().map(|_| ()),
+                    Err(_) => Ok(()),
+                }
+            };
+            let _ = flush(&conn, &out);
+            if processed.is_err() {
+                let _ = plain.shutdown(Shutdown::Both);
+                let _ = from.shutdown(Shutdown::Both);
+                break 'down;
+            }
+            loop {
+                let read = conn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reader()
+                    .read(&mut plaintext);
+                match read {
+                    Ok(0) => {
+                        // close_notify: the server's clean end.
+                        let _ = plain_writer.shutdown(Shutdown::Write);
+                        break;
+                    }
+                    Ok(k) => {
+                        if plain_writer.write_all(&plaintext[..k]).is_err() {
+                            let _ = from.shutdown(Shutdown::Both);
+                            break 'down;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    let _ = plain_writer.shutdown(Shutdown::Write);
+    if let Ok(up) = up {
+        // The caller's side ends when it closes; the bridge ends with it.
+        drop(up);
+    }
+}
