@@ -256,7 +256,9 @@ impl Pipe {
     /// A party the registry admitted joins.
     pub fn join(&mut self, pipe_request: PipeRequest, role: Role, now: Instant) -> PartyId {
         let id = self.parties.len();
-        let PipeRequest { request, leftover } = pipe_request;
+        let PipeRequest {
+            request, leftover, ..
+        } = pipe_request;
         // A waiting sender is not read, so only a write finds out that it has gone.
         let probe_at = (role == Role::Sender).then(|| now + self.config.heartbeat_interval);
         let mut party = Party {
