@@ -640,3 +640,96 @@ fn the_server_default_report_applies_when_the_sender_does_not_say() {
     let s = pipe.join(req, role, Instant::now());
     assert!(pipe.write_slices(s).total() > 0);
 }
+
+/// A pipe under `--min-receiver-rate 1000 --min-rate-window 30`.
+fn rated(n: usize, buffer: usize) -> Sim {
+    let mut sim = Sim::new(n, buffer, 4096);
+    let config = Config {
+        buffer_size: buffer,
+        min_receiver_rate: 1000,
+        min_rate_window: std::time::Duration::from_secs(30),
+        ..Config::default()
+    };
+    sim.pipe = Pipe::new("x", n, &config);
+    sim
+}
+
+/// One second passes; `slow` takes `bytes` of what waits for it; the others read all.
+fn trickle(sim: &mut Sim, slow: PartyId, bytes: usize) {
+    sim.now += std::time::Duration::from_secs(1);
+    let slices = sim.pipe.write_slices(slow);
+    let mut left = bytes;
+    let mut took = 0;
+    for s in slices.iter() {
+        let k = s.len().min(left);
+        sim.clients[slow].got.extend_from_slice(&s[..k]);
+        left -= k;
+        took += k;
+    }
+    if took > 0 {
+        sim.pipe.handle_wrote(slow, took, sim.now);
+    }
+    sim.pipe.handle_timeout(sim.now);
+    sim.run(&[slow]);
+}
+
+#[test]
+fn a_receiver_slower_than_the_minimum_rate_is_dropped_and_the_others_go_on() {
+    let data = body(400_000);
+    let mut sim = rated(2, 65536);
+    let (fast, slow) = (sim.receiver(2), sim.receiver(2));
+    let s = sim.sender(2, &data, false);
+    sim.run(&[slow]);
+    // 500 bytes a second, half the minimum: it reads, so the idle timeout never fires.
+    for _ in 0..29 {
+        trickle(&mut sim, slow, 500);
+        assert!(!sim.pipe.is_closed(slow), "dropped before the window ended");
+    }
+    trickle(&mut sim, slow, 500);
+    assert!(sim.pipe.is_closed(slow) || sim.clients[slow].closed);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(fast), data, "the others go on");
+    assert_eq!(sim.summary().outcome, Outcome::ReceiversLost);
+    let out = sim.text(s);
+    assert!(
+        out.contains("[INFO] dropped 1 receiver(s) slower than 1000 bytes/s over 30 s"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[ERROR] 1 of 2 receivers got every byte"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_receiver_above_the_minimum_rate_or_slowed_by_its_sender_stays() {
+    // Just above the minimum (its response head counts for nothing), for two windows.
+    let data = body(200_000);
+    let mut sim = rated(2, 65536);
+    let (_, slow) = (sim.receiver(2), sim.receiver(2));
+    sim.sender(2, &data, false);
+    sim.run(&[slow]);
+    for _ in 0..65 {
+        trickle(&mut sim, slow, 1100);
+    }
+    assert!(!sim.pipe.is_closed(slow));
+
+    // A sender that sends little: every receiver keeps up, nobody is dropped.
+    let data = body(50_000);
+    let mut sim = rated(2, 65536);
+    let (r1, r2) = (sim.receiver(2), sim.receiver(2));
+    let s = sim.join(format!(
+        "PUT /x?n=2 HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    ));
+    sim.clients[s].input = data[..100].to_vec();
+    sim.run(&[]);
+    later(&mut sim, 31);
+    later(&mut sim, 31);
+    assert!(!sim.pipe.is_closed(r1) && !sim.pipe.is_closed(r2));
+    sim.clients[s].input = data.clone();
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r1), data);
+    assert_eq!(sim.body_of(r2), data);
+    assert_eq!(sim.summary().outcome, Outcome::Complete);
+}
