@@ -38,7 +38,7 @@ for backend in "${backends[@]}"; do
         --target-dir "target/backends/$backend"
     bin="target/backends/$backend/release/fanpipe"
     port=$((18500 + RANDOM % 1000))
-    "$bin" --listen "127.0.0.1:$port" 2>/dev/null &
+    "$bin" --listen "127.0.0.1:$port" --max-connections-per-client 0 --max-waiting-per-client 0 2>/dev/null &
     pid=$!
     sleep 1
     for scenario in "${scenarios[@]}"; do

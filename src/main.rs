@@ -1,12 +1,18 @@
 //! The fanpipe server: command line, logging, signals. The backend is chosen at build time.
 
+mod sign;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fanpipe_core::config::MIN_BUFFER_SIZE;
+use fanpipe_core::client::Cidr;
+use fanpipe_core::config::{
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_MAX_WAITING_PER_CLIENT, MIN_BUFFER_SIZE,
+};
 use fanpipe_core::request::Report;
 use fanpipe_core::Config;
 use fanpipe_driver::tls::TlsConfig;
@@ -47,7 +53,10 @@ compile_error!(
 /// command line wins). RUST_LOG filters the log (default: info).
 #[derive(Parser, Debug)]
 #[command(name = "fanpipe", version = LONG_VERSION, verbatim_doc_comment)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on (port 0 picks a free port); HTTPS with --tls-cert and --tls-key.
     #[arg(long, env = "FANPIPE_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -132,6 +141,69 @@ struct Args {
     /// Log lines as plain text, or as one JSON object per line for log pipelines.
     #[arg(long, env = "FANPIPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve signed URLs only (made by `fanpipe sign`). FILE has one key per line,
+    /// `ID SECRET` (SECRET: at least 32 bytes in hex, `openssl rand -hex 32`); the first
+    /// line's key signs, every line's key verifies, so keys rotate.
+    #[arg(long, env = "FANPIPE_SECRET_FILE", value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// Most connections one client address (an IPv6 client by its /64) may hold open;
+    /// more get 429. 0: no limit.
+    #[arg(long, env = "FANPIPE_MAX_CONNECTIONS_PER_CLIENT", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_CLIENT as u64, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    max_connections_per_client: u64,
+    /// Most pipes one client address may have opened that still wait to fill; one more
+    /// gets 429. 0: no limit.
+    #[arg(long, env = "FANPIPE_MAX_WAITING_PER_CLIENT", default_value_t = DEFAULT_MAX_WAITING_PER_CLIENT as u64, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    max_waiting_per_client: u64,
+    /// Every connection starts with a PROXY protocol header (v1 or v2, as HAProxy's
+    /// send-proxy and nginx's proxy_protocol send it), which names the client; a
+    /// connection without one is refused.
+    #[arg(long, env = "FANPIPE_PROXY_PROTOCOL")]
+    proxy_protocol: bool,
+    /// A proxy (address or CIDR block; repeat the flag, or comma-separate) whose
+    /// X-Forwarded-For names the client. From any other peer the header is ignored.
+    #[arg(
+        long,
+        env = "FANPIPE_TRUSTED_PROXY",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    trusted_proxy: Vec<Cidr>,
+    /// Bytes per second a receiver must take, over --min-rate-window, while bytes wait
+    /// for it; a slower one is dropped (counted lost) so the others go on. 0: off.
+    #[arg(
+        long,
+        env = "FANPIPE_MIN_RECEIVER_RATE",
+        value_name = "BYTES_PER_SEC",
+        default_value_t = 0
+    )]
+    min_receiver_rate: u64,
+    /// Seconds over which --min-receiver-rate is measured.
+    #[arg(long, env = "FANPIPE_MIN_RATE_WINDOW", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    min_rate_window: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print a signed pipe's two URLs: the sender's on line 1, the receivers' on line 2.
+    ///
+    ///   { read -r send; read -r recv; } < <(fanpipe sign --secret-file F --url https://pipe.example --n 30)
+    #[command(verbatim_doc_comment)]
+    Sign {
+        /// The server's secret file; its first key signs.
+        #[arg(long, env = "FANPIPE_SECRET_FILE", value_name = "FILE")]
+        secret_file: PathBuf,
+        /// The server's base URL as clients reach it, such as https://pipe.example.
+        #[arg(long, value_name = "BASE_URL")]
+        url: String,
+        /// The number of receivers.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        n: u64,
+        /// Seconds the URLs stay valid.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=366 * 86400))]
+        ttl: u64,
+        /// The pipe's name; default: 128 random bits in hex, which nobody can guess.
+        name: Option<String>,
+    },
 }
 
 /// When a sender's response head is written (see `--sender-report`).
@@ -184,6 +256,29 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     return_freed_buffers_to_the_system();
     let args = Args::parse();
+    if let Some(Command::Sign {
+        secret_file,
+        url,
+        n,
+        ttl,
+        name,
+    }) = args.command
+    {
+        return match sign::run(&secret_file, &url, n as usize, ttl, name) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fanpipe sign: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let keys = match args.secret_file.as_deref().map(sign::load_keys).transpose() {
+        Ok(keys) => keys.map(Arc::new),
+        Err(e) => {
+            eprintln!("fanpipe: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     init_logging(args.log_format);
     let config = Config {
         max_receivers: args.max_receivers as usize,
@@ -203,6 +298,13 @@ fn main() -> ExitCode {
             SenderReport::Live => Report::Live,
             SenderReport::End => Report::End,
         },
+        keys,
+        proxy_protocol: args.proxy_protocol,
+        trusted_proxies: args.trusted_proxy,
+        max_connections_per_client: args.max_connections_per_client as usize,
+        max_waiting_per_client: args.max_waiting_per_client as usize,
+        min_receiver_rate: args.min_receiver_rate,
+        min_rate_window: Duration::from_secs(args.min_rate_window),
         ..Config::default()
     };
     let grace = Duration::from_secs(args.shutdown_grace);

@@ -1,8 +1,11 @@
 //! Limits and sizes. Every one is a command-line flag of the server.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::Cidr;
 use crate::request::Report;
+use crate::signed::Keys;
 
 /// What the core needs to know of the operator's choices.
 #[derive(Debug, Clone)]
@@ -48,6 +51,21 @@ pub struct Config {
     pub max_pipes: usize,
     /// When a sender that does not say (`report=`) gets its response head.
     pub sender_report: Report,
+    /// The keys of `--secret-file`: when set, every pipe request must be signed.
+    pub keys: Option<Arc<Keys>>,
+    /// The listener expects a PROXY protocol header before each connection's first head.
+    pub proxy_protocol: bool,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Most connections one client address may hold open (0: no limit).
+    pub max_connections_per_client: usize,
+    /// Most pipes one client address may have opened that are still waiting (0: no limit).
+    pub max_waiting_per_client: usize,
+    /// A receiver moving fewer bytes per second than this over `min_rate_window`, while
+    /// bytes wait for it, is dropped (0: never).
+    pub min_receiver_rate: u64,
+    /// The window `min_receiver_rate` is measured over.
+    pub min_rate_window: Duration,
 }
 
 impl Default for Config {
@@ -71,9 +89,25 @@ impl Default for Config {
             max_connections: 10_000,
             max_pipes: 10_000,
             sender_report: Report::Live,
+            keys: None,
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_waiting_per_client: DEFAULT_MAX_WAITING_PER_CLIENT,
+            min_receiver_rate: 0,
+            min_rate_window: Duration::from_secs(30),
         }
     }
 }
+
+/// Connections one client address may hold by default: a CI host with a few fan-outs of
+/// a hundred receivers is far from it, one address alone cannot take the default
+/// `max_connections` (10000).
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 500;
+
+/// Waiting pipes one client address may have opened by default: one address alone
+/// cannot take the default `max_pipes` (10000).
+pub const DEFAULT_MAX_WAITING_PER_CLIENT: usize = 100;
 
 /// Smallest buffer a pipe may be given: a chunk header and some data must fit.
 pub const MIN_BUFFER_SIZE: usize = 4096;

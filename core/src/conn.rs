@@ -3,13 +3,17 @@
 //!
 //! The backend asks [`Conn::poll_action`] what to do next and reports back.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::client::{forwarded_client, ClientAddr};
 use crate::config::Config;
 use crate::error::Reject;
-use crate::head::HeadReader;
+use crate::head::{Head, HeadReader};
+use crate::proxy_protocol;
 use crate::request::{interpret, Page, Request, Role, Route};
 use crate::response;
+use crate::signed::Credentials;
 
 /// What the backend must do next for this connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +41,8 @@ enum After {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// A PROXY protocol header is expected before the first head.
+    Proxy,
     Head,
     Write(After),
     Shutdown,
@@ -63,7 +69,22 @@ pub struct Conn {
     refused: Option<Reject>,
     /// The client came through TLS: the URLs shown to it are `https://`.
     tls: bool,
+    /// The client's address as the connection shows it: the TCP peer, or the one its
+    /// PROXY header names. `None`: not known (a connection made by a test).
+    peer: Option<IpAddr>,
+    /// The bytes of a PROXY header read so far.
+    proxy_buf: Vec<u8>,
+    /// How many bytes of `proxy_buf` were read (the rest is lent to the next read).
+    proxy_len: usize,
+    /// A client to count this connection under, for the backend to take.
+    new_client: Option<ClientAddr>,
+    /// Who sent the pending pipe request, and its signature parameters.
+    client: Option<ClientAddr>,
+    credentials: Credentials,
 }
+
+/// Bytes a read of a PROXY header may take at a time.
+const PROXY_READ: usize = 512;
 
 /// Most bytes read and thrown away while lingering before a close.
 const MAX_LINGER_BYTES: usize = 1 << 20;
@@ -73,6 +94,11 @@ const MAX_LINGER_BYTES: usize = 1 << 20;
 pub struct PipeRequest {
     pub request: Request,
     pub leftover: Vec<u8>,
+    /// Whom the per-client limits count it under (`None`: no one, a connection made by a
+    /// test).
+    pub client: Option<ClientAddr>,
+    /// The signature parameters of its URL.
+    pub credentials: Credentials,
 }
 
 impl PipeRequest {
@@ -105,6 +131,85 @@ impl Conn {
             discarded: 0,
             refused: None,
             tls: false,
+            peer: None,
+            proxy_buf: Vec::new(),
+            proxy_len: 0,
+            new_client: None,
+            client: None,
+            credentials: Credentials::default(),
+        }
+    }
+
+    /// A connection accepted from `peer`. On a listener that expects a PROXY header it
+    /// waits for one first (within the head timeout); else, unless the peer is a trusted
+    /// proxy (whose connections carry many clients), its client is the peer, to be
+    /// counted ([`Conn::take_new_client`]).
+    pub fn accepted(config: &Config, peer: IpAddr, now: Instant) -> Self {
+        let mut conn = Conn::new(config, now);
+        conn.peer = Some(peer);
+        if config.proxy_protocol {
+            conn.state = State::Proxy;
+        } else {
+            conn.new_client = conn.own_client();
+        }
+        conn
+    }
+
+    /// The client this connection is to be counted under, once it is known.
+    pub fn take_new_client(&mut self) -> Option<ClientAddr> {
+        self.new_client.take()
+    }
+
+    /// The peer as a client, if it is not a trusted proxy.
+    fn own_client(&self) -> Option<ClientAddr> {
+        let peer = self.peer?;
+        let trusted = self.config.trusted_proxies.iter().any(|c| c.contains(peer));
+        (!trusted).then(|| ClientAddr::of(peer))
+    }
+
+    /// Who sent this head: the peer, or for a trusted proxy, the client its
+    /// `X-Forwarded-For` names (the proxy itself when it names none).
+    fn client_of(&self, head: &Head) -> Option<ClientAddr> {
+        let peer = self.peer?;
+        let trusted = &self.config.trusted_proxies;
+        if !trusted.iter().any(|c| c.contains(peer)) {
+            return Some(ClientAddr::of(peer));
+        }
+        let forwarded = forwarded_client(head.values("x-forwarded-for"), trusted);
+        Some(ClientAddr::of(forwarded.unwrap_or(peer)))
+    }
+
+    /// Bytes of a PROXY header came: on a whole one, the client is known and what
+    /// followed it is the first head.
+    fn proxy_read(&mut self, n: usize, now: Instant) {
+        if n == 0 {
+            return self.close();
+        }
+        match proxy_protocol::parse(&self.proxy_buf) {
+            Ok(None) => {}
+            Err(why) => self.refuse(&Reject::ProxyHeader(why), now),
+            Ok(Some(header)) => {
+                if let Some(client) = header.client {
+                    self.peer = Some(client);
+                }
+                self.new_client = self.own_client();
+                self.state = State::Head;
+                let rest = self.proxy_buf.split_off(header.len);
+                self.proxy_buf = Vec::new();
+                self.feed(&rest, now);
+            }
+        }
+    }
+
+    /// Bytes read already, as if read now.
+    fn feed(&mut self, bytes: &[u8], now: Instant) {
+        let mut rest = bytes;
+        while !rest.is_empty() && self.state == State::Head {
+            let space = self.reader.space();
+            let k = space.len().min(rest.len());
+            space[..k].copy_from_slice(&rest[..k]);
+            self.handle_read(k, now);
+            rest = &rest[k..];
         }
     }
 
@@ -117,20 +222,13 @@ impl Conn {
     /// Starts a connection on bytes already read (a keep-alive connection handed back).
     pub fn with_bytes(config: &Config, bytes: &[u8], now: Instant) -> Self {
         let mut conn = Conn::new(config, now);
-        let mut rest = bytes;
-        while !rest.is_empty() && conn.state == State::Head {
-            let space = conn.reader.space();
-            let k = space.len().min(rest.len());
-            space[..k].copy_from_slice(&rest[..k]);
-            conn.handle_read(k, now);
-            rest = &rest[k..];
-        }
+        conn.feed(bytes, now);
         conn
     }
 
     pub fn poll_action(&self) -> Action {
         match self.state {
-            State::Head | State::Linger => Action::Read,
+            State::Proxy | State::Head | State::Linger => Action::Read,
             State::Write(_) => Action::Write,
             State::Shutdown => Action::Shutdown,
             State::HubPage => Action::HubPage,
@@ -149,6 +247,13 @@ impl Conn {
             self.discard.resize(16 * 1024, 0);
             return &mut self.discard;
         }
+        if self.state == State::Proxy {
+            // Taken in small reads, so that a v1 line is not followed by much of the head.
+            let at = self.proxy_len;
+            let room = PROXY_READ.min(proxy_protocol::V2_MAX + 1 - at.min(proxy_protocol::V2_MAX));
+            self.proxy_buf.resize(at + room, 0);
+            return &mut self.proxy_buf[at..];
+        }
         self.reader.space()
     }
 
@@ -160,6 +265,11 @@ impl Conn {
                 if n == 0 || self.discarded > MAX_LINGER_BYTES {
                     self.close();
                 }
+            }
+            State::Proxy => {
+                self.proxy_len = (self.proxy_len + n).min(self.proxy_buf.len());
+                self.proxy_buf.truncate(self.proxy_len);
+                self.proxy_read(n, now);
             }
             State::Head if n == 0 => self.close(),
             State::Head => {
@@ -253,6 +363,8 @@ impl Conn {
         Some(PipeRequest {
             request,
             leftover: self.reader.take_rest(),
+            client: self.client.take(),
+            credentials: std::mem::take(&mut self.credentials),
         })
     }
 
@@ -274,7 +386,11 @@ impl Conn {
             return;
         };
         self.head_started = None;
-        let mut req = match parsed.and_then(|h| interpret(&h, self.config.max_receivers)) {
+        let head = match parsed {
+            Ok(head) => head,
+            Err(why) => return self.refuse(&why, now),
+        };
+        let mut req = match interpret(&head, self.config.max_receivers) {
             Ok(req) => req,
             Err(why) => return self.refuse(&why, now),
         };
@@ -286,6 +402,8 @@ impl Conn {
         let keep = req.keep_alive && !req.has_body();
         match &req.route {
             Route::Pipe { .. } => {
+                self.client = self.client_of(&head);
+                self.credentials = Credentials::from_target(&head.target);
                 self.pending = Some(req);
                 self.state = State::Pipe;
                 self.deadline = None;
@@ -446,5 +564,97 @@ mod tests {
             let out = String::from_utf8_lossy(c.output()).into_owned();
             assert!(out.contains(&format!("{scheme}pipe.example/")), "{out}");
         }
+    }
+
+    fn accepted(config: &Config, peer: &str, input: &[u8]) -> (String, Action, Conn) {
+        let now = Instant::now();
+        let mut c = Conn::accepted(config, peer.parse().unwrap(), now);
+        let mut written = Vec::new();
+        let mut rest = input;
+        // Small reads, so that a header and the head come in several pieces.
+        while c.poll_action() == Action::Read && !rest.is_empty() {
+            let buf = c.read_buf();
+            let k = buf.len().min(rest.len()).min(7);
+            buf[..k].copy_from_slice(&rest[..k]);
+            rest = &rest[k..];
+            c.handle_read(k, now);
+        }
+        while c.poll_action() == Action::Write {
+            written.extend_from_slice(c.output());
+            let n = c.output().len();
+            c.handle_wrote(n, now);
+        }
+        (String::from_utf8_lossy(&written).into(), c.poll_action(), c)
+    }
+
+    fn client(s: &str) -> Option<ClientAddr> {
+        Some(ClientAddr::of(s.parse().unwrap()))
+    }
+
+    const PIPE: &[u8] = b"GET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n";
+
+    #[test]
+    fn a_direct_client_is_its_peer_whatever_its_headers_say() {
+        let (_, action, mut c) = accepted(&Config::default(), "127.0.0.2", PIPE);
+        assert_eq!(action, Action::Pipe);
+        assert_eq!(c.take_new_client(), client("127.0.0.2"));
+        assert_eq!(c.take_pipe_request().unwrap().client, client("127.0.0.2"));
+    }
+
+    #[test]
+    fn a_trusted_proxy_names_the_client_in_x_forwarded_for() {
+        let config = Config {
+            trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Config::default()
+        };
+        let (_, action, mut c) = accepted(&config, "127.0.0.1", PIPE);
+        assert_eq!(action, Action::Pipe);
+        assert_eq!(
+            c.take_new_client(),
+            None,
+            "a proxy's connection carries many clients"
+        );
+        assert_eq!(
+            c.take_pipe_request().unwrap().client,
+            client("198.51.100.1")
+        );
+        let bare = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n";
+        let (_, _, mut c) = accepted(&config, "127.0.0.1", bare);
+        assert_eq!(c.take_pipe_request().unwrap().client, client("127.0.0.1"));
+    }
+
+    #[test]
+    fn a_proxy_protocol_listener_takes_the_client_from_the_header() {
+        let config = Config {
+            proxy_protocol: true,
+            ..Config::default()
+        };
+        let mut input = b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 8080\r\n".to_vec();
+        input.extend_from_slice(PIPE);
+        let (out, action, mut c) = accepted(&config, "127.0.0.1", &input);
+        assert_eq!((out.as_str(), action), ("", Action::Pipe));
+        assert_eq!(c.take_new_client(), client("203.0.113.7"));
+        assert_eq!(c.take_pipe_request().unwrap().client, client("203.0.113.7"));
+
+        let (out, action, _) = accepted(&config, "127.0.0.1", PIPE);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        assert!(out.contains("expects a PROXY protocol header"), "{out}");
+        assert_eq!(action, Action::Shutdown, "then the close");
+    }
+
+    #[test]
+    fn a_proxy_header_that_never_comes_is_closed_at_the_head_timeout() {
+        let config = Config {
+            proxy_protocol: true,
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let mut c = Conn::accepted(&config, "127.0.0.1".parse().unwrap(), now);
+        let buf = c.read_buf();
+        buf[..5].copy_from_slice(b"PROXY");
+        c.handle_read(5, now);
+        assert_eq!(c.poll_action(), Action::Read);
+        c.handle_timeout(now + config.head_timeout);
+        assert_eq!(c.poll_action(), Action::Close);
     }
 }

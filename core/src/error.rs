@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::request::Role;
+
 /// A request the server will not serve. Each variant knows its status and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
@@ -49,6 +51,23 @@ pub enum Reject {
     TooManyPipes,
     /// The server is shutting down.
     ShuttingDown,
+    /// The server wants signed URLs and this one has no `exp`, `kid` and `sig`.
+    SignatureMissing,
+    /// The signature does not match the URL (a changed name, `n` or expiry), or is not
+    /// one at all.
+    SignatureBad,
+    /// The URL names a key the server does not have (retired, or another server's).
+    SignatureUnknownKey,
+    /// The URL is signed for the other side of the pipe.
+    SignatureWrongRole { signed_for: Role },
+    /// The URL expired this many seconds ago.
+    SignatureExpired { ago: u64 },
+    /// This client address has this many connections open already.
+    ClientConnections { max: usize },
+    /// This client address has opened this many pipes that are still waiting.
+    ClientPipes { max: usize },
+    /// A listener that expects a PROXY protocol header did not get a valid one.
+    ProxyHeader(&'static str),
 }
 
 impl Reject {
@@ -60,7 +79,14 @@ impl Reject {
             | Reject::InvalidReport
             | Reject::NMismatch { .. }
             | Reject::Reserved(_)
-            | Reject::NoName => 400,
+            | Reject::NoName
+            | Reject::ProxyHeader(_) => 400,
+            Reject::SignatureMissing => 401,
+            Reject::SignatureBad
+            | Reject::SignatureUnknownKey
+            | Reject::SignatureWrongRole { .. } => 403,
+            Reject::SignatureExpired { .. } => 410,
+            Reject::ClientConnections { .. } | Reject::ClientPipes { .. } => 429,
             Reject::UriTooLong => 414,
             Reject::HeadTooLarge => 431,
             Reject::Version | Reject::NeedsLength => 505,
@@ -71,6 +97,21 @@ impl Reject {
             Reject::NotFound => 404,
             Reject::Timeout | Reject::WaitTimeout { .. } => 408,
             Reject::TooManyConnections | Reject::TooManyPipes | Reject::ShuttingDown => 503,
+        }
+    }
+}
+
+impl Reject {
+    /// Why a signed-URL check refused, as `/metrics` labels it: `missing`, `bad` (a
+    /// changed URL, an unknown key, the other role's URL) or `expired`.
+    pub fn signature_reason(&self) -> Option<&'static str> {
+        match self {
+            Reject::SignatureMissing => Some("missing"),
+            Reject::SignatureBad
+            | Reject::SignatureUnknownKey
+            | Reject::SignatureWrongRole { .. } => Some("bad"),
+            Reject::SignatureExpired { .. } => Some("expired"),
+            _ => None,
         }
     }
 }
@@ -120,6 +161,43 @@ impl fmt::Display for Reject {
             Reject::TooManyConnections => f.write_str("too many connections; retry later"),
             Reject::TooManyPipes => f.write_str("too many pipes open; retry later"),
             Reject::ShuttingDown => f.write_str("the server is shutting down; retry later"),
+            Reject::SignatureMissing => f.write_str(
+                "this server serves signed URLs only: ask for a URL made with `fanpipe sign` (it carries exp, kid and sig)",
+            ),
+            Reject::SignatureBad => f.write_str(
+                "the URL's signature does not match: its name, n or exp was changed, or it was cut short; use the URL exactly as signed",
+            ),
+            Reject::SignatureUnknownKey => f.write_str(
+                "the URL is signed with a key this server does not have (retired, or another server's); ask for a new URL",
+            ),
+            Reject::SignatureWrongRole { signed_for } => write!(
+                f,
+                "this URL is signed for {}; {} needs its own URL (the other line of `fanpipe sign`)",
+                match signed_for {
+                    Role::Sender => "sending",
+                    Role::Receiver => "receiving",
+                },
+                match signed_for {
+                    Role::Sender => "a receiver",
+                    Role::Receiver => "the sender",
+                }
+            ),
+            Reject::SignatureExpired { ago } => write!(
+                f,
+                "this signed URL expired {ago} s ago; ask for a new one (or sign with a longer --ttl)"
+            ),
+            Reject::ClientConnections { max } => write!(
+                f,
+                "your address has {max} connections open, the most one client may hold; close some or retry later"
+            ),
+            Reject::ClientPipes { max } => write!(
+                f,
+                "your address has opened {max} pipes that are still waiting, the most one client may; let them start or end first"
+            ),
+            Reject::ProxyHeader(why) => write!(
+                f,
+                "this listener expects a PROXY protocol header first ({why}); connect through the proxy"
+            ),
         }
     }
 }

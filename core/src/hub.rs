@@ -11,7 +11,9 @@ use crate::metrics::Metrics;
 use crate::pipe::Event;
 use crate::registry::{Admitted, PipeId, Registry};
 use crate::request::{Page, Route};
+use crate::signed::{self, Keys};
 use crate::Config;
+use std::sync::Arc;
 
 /// How often a shutdown looks again whether the pipes are all gone.
 const SHUTDOWN_TICK: Duration = Duration::from_millis(50);
@@ -64,12 +66,17 @@ pub struct Hub<H> {
     until: Option<Instant>,
     /// The stop signal came (`/healthz` says 503).
     stopping: bool,
+    /// With a secret file: the keys every pipe request's signature is checked with.
+    keys: Option<Arc<Keys>>,
 }
 
 impl<H> Hub<H> {
     pub fn new(config: &Config) -> Self {
+        let mut registry = Registry::new(config.max_pipes);
+        registry.limit_per_client(config.max_waiting_per_client);
         Hub {
-            registry: Registry::new(config.max_pipes),
+            keys: config.keys.clone(),
+            registry,
             metrics: Metrics::default(),
             phase: Phase::Running,
             until: None,
@@ -78,22 +85,39 @@ impl<H> Hub<H> {
     }
 
     /// Lets the party of `request` onto its pipe, or says why not; `make` starts the
-    /// owner of a new pipe.
+    /// owner of a new pipe. With no wall-clock time, a server with a secret file takes
+    /// no signature as unexpired: use [`Hub::admit_at`].
     pub fn admit(
         &mut self,
         request: &PipeRequest,
         make: impl FnOnce(PipeParams) -> H,
     ) -> Result<Admitted<'_, H>, Reject> {
+        self.admit_at(request, u64::MAX, make)
+    }
+
+    /// [`Hub::admit`] at `unix_now` (seconds since the epoch, the wall clock that signed
+    /// URLs expire by): with a secret file the URL's signature is checked first, then
+    /// the party is admitted as its client (per-client limits).
+    pub fn admit_at(
+        &mut self,
+        request: &PipeRequest,
+        unix_now: u64,
+        make: impl FnOnce(PipeParams) -> H,
+    ) -> Result<Admitted<'_, H>, Reject> {
         let Route::Pipe { name, role, n } = &request.request.route else {
             return Err(Reject::NotFound);
         };
-        self.registry.admit(name, *role, *n, |id| {
-            make(PipeParams {
-                name: name.clone(),
-                n: *n,
-                id,
+        if let Some(keys) = &self.keys {
+            signed::verify(keys, &request.credentials, *role, name, *n, unix_now)?;
+        }
+        self.registry
+            .admit_from(request.client, name, *role, *n, |id| {
+                make(PipeParams {
+                    name: name.clone(),
+                    n: *n,
+                    id,
+                })
             })
-        })
     }
 
     /// Counts and logs a refused request.

@@ -6,6 +6,7 @@
 
 pub mod broadcast;
 pub mod chunked;
+pub mod client;
 pub mod config;
 pub mod conn;
 pub mod error;
@@ -13,9 +14,11 @@ pub mod head;
 pub mod hub;
 pub mod metrics;
 pub mod pipe;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod request;
 pub mod response;
+pub mod signed;
 
 pub use config::Config;
 pub use error::Reject;

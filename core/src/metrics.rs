@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::chunked::BodyError;
+use crate::client::ClientConn;
 use crate::error::Reject;
 use crate::pipe::{Outcome, Summary};
 use crate::registry::Counts;
@@ -19,7 +20,16 @@ pub struct Metrics {
     rejections: BTreeMap<u16, u64>,
     bytes_received: u64,
     bytes_delivered: u64,
+    /// Signed-URL refusals by reason (`missing`, `bad`, `expired`).
+    signature_rejections: BTreeMap<&'static str, u64>,
+    /// Per-client limit refusals by limit (`connections`, `waiting_pipes`).
+    client_limit_rejections: BTreeMap<&'static str, u64>,
 }
+
+/// The reasons of `fanpipe_signature_rejections_total`, each listed even at 0.
+const SIGNATURE_REASONS: [&str; 3] = ["missing", "bad", "expired"];
+/// The limits of `fanpipe_client_limit_rejections_total`, each listed even at 0.
+const CLIENT_LIMITS: [&str; 2] = ["connections", "waiting_pipes"];
 
 impl Outcome {
     /// Every outcome, in the order `/metrics` lists them (a malformed body counts once,
@@ -57,6 +67,17 @@ impl Metrics {
     /// Counts one refused request.
     pub fn reject(&mut self, why: &Reject) {
         *self.rejections.entry(why.status()).or_default() += 1;
+        if let Some(reason) = why.signature_reason() {
+            *self.signature_rejections.entry(reason).or_default() += 1;
+        }
+        let limit = match why {
+            Reject::ClientConnections { .. } => Some("connections"),
+            Reject::ClientPipes { .. } => Some("waiting_pipes"),
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            *self.client_limit_rejections.entry(limit).or_default() += 1;
+        }
     }
 
     /// The text of `/metrics`, given what exists now.
@@ -100,6 +121,26 @@ impl Metrics {
         for (status, v) in &self.rejections {
             let _ = writeln!(out, "fanpipe_rejections_total{{status=\"{status}\"}} {v}");
         }
+        let _ = writeln!(out, "# HELP fanpipe_signature_rejections_total Pipe requests refused for their URL's signature, by reason.\n# TYPE fanpipe_signature_rejections_total counter");
+        for reason in SIGNATURE_REASONS {
+            let v = self.signature_rejections.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "fanpipe_signature_rejections_total{{reason=\"{reason}\"}} {v}"
+            );
+        }
+        let _ = writeln!(out, "# HELP fanpipe_client_limit_rejections_total Requests refused because their client address was over its share, by limit.\n# TYPE fanpipe_client_limit_rejections_total counter");
+        for limit in CLIENT_LIMITS {
+            let v = self
+                .client_limit_rejections
+                .get(limit)
+                .copied()
+                .unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "fanpipe_client_limit_rejections_total{{limit=\"{limit}\"}} {v}"
+            );
+        }
         out
     }
 }
@@ -109,9 +150,17 @@ impl Metrics {
 #[derive(Debug, Clone, Default)]
 pub struct Connections(Arc<AtomicUsize>);
 
-/// One open connection; it counts until dropped with its socket.
+/// One open connection; it counts until dropped with its socket (and with it, the count
+/// of its client, once known).
 #[derive(Debug)]
-pub struct OpenConn(Arc<AtomicUsize>);
+pub struct OpenConn(Arc<AtomicUsize>, Option<ClientConn>);
+
+impl OpenConn {
+    /// The connection is also counted under its client until dropped.
+    pub fn hold(&mut self, client: ClientConn) {
+        self.1 = Some(client);
+    }
+}
 
 impl Connections {
     /// Counts a connection just accepted. It is to be answered with the refusal, if
@@ -119,7 +168,7 @@ impl Connections {
     pub fn open(&self, max: usize) -> (OpenConn, Option<Reject>) {
         let before = self.0.fetch_add(1, Ordering::Relaxed);
         let full = (before >= max).then_some(Reject::TooManyConnections);
-        (OpenConn(self.0.clone()), full)
+        (OpenConn(self.0.clone(), None), full)
     }
 
     /// Open connections now.
@@ -150,6 +199,11 @@ mod tests {
             outcome: Outcome::Complete,
         });
         m.reject(&Reject::Busy);
+        m.reject(&Reject::SignatureExpired { ago: 5 });
+        m.reject(&Reject::SignatureWrongRole {
+            signed_for: crate::request::Role::Sender,
+        });
+        m.reject(&Reject::ClientPipes { max: 1 });
         let counts = Counts {
             waiting_pipes: 1,
             running_pipes: 2,
@@ -166,6 +220,12 @@ mod tests {
             "fanpipe_bytes_received_total 10",
             "fanpipe_bytes_delivered_total 20",
             "fanpipe_rejections_total{status=\"409\"} 1",
+            "fanpipe_rejections_total{status=\"410\"} 1",
+            "fanpipe_signature_rejections_total{reason=\"missing\"} 0",
+            "fanpipe_signature_rejections_total{reason=\"bad\"} 1",
+            "fanpipe_signature_rejections_total{reason=\"expired\"} 1",
+            "fanpipe_client_limit_rejections_total{limit=\"connections\"} 0",
+            "fanpipe_client_limit_rejections_total{limit=\"waiting_pipes\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

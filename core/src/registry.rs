@@ -3,8 +3,9 @@
 //!
 //! `H` is the backend's handle to the task that owns a pipe (a channel, say).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
+use crate::client::ClientAddr;
 use crate::error::Reject;
 use crate::request::Role;
 
@@ -28,6 +29,8 @@ struct Entry<H> {
     receivers: usize,
     running: bool,
     handle: H,
+    /// Who opened it, charged for it while it waits.
+    opener: Option<ClientAddr>,
 }
 
 /// Names to pipes, in the order of their names, so that whoever walks them (to tell a
@@ -38,6 +41,10 @@ pub struct Registry<H> {
     next_id: PipeId,
     max_pipes: usize,
     closed: bool,
+    /// Waiting pipes by the client that opened them.
+    waiting_by_client: HashMap<ClientAddr, usize>,
+    /// Most of them per client (0: no limit).
+    max_waiting_per_client: usize,
 }
 
 impl<H> Default for Registry<H> {
@@ -70,6 +77,30 @@ impl<H> Registry<H> {
             next_id: 1,
             max_pipes,
             closed: false,
+            waiting_by_client: HashMap::new(),
+            max_waiting_per_client: 0,
+        }
+    }
+
+    /// At most `max` waiting pipes opened by one client (0: no limit), so one address
+    /// cannot take every pipe of the server.
+    pub fn limit_per_client(&mut self, max: usize) {
+        self.max_waiting_per_client = max;
+    }
+
+    /// Waiting pipes `client` has opened.
+    pub fn waiting_of(&self, client: ClientAddr) -> usize {
+        self.waiting_by_client.get(&client).copied().unwrap_or(0)
+    }
+
+    /// A waiting pipe opened by `opener` starts or goes: it is no longer charged.
+    fn uncharge(&mut self, opener: Option<ClientAddr>) {
+        let Some(c) = opener else { return };
+        if let Some(count) = self.waiting_by_client.get_mut(&c) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.waiting_by_client.remove(&c);
+            }
         }
     }
 
@@ -86,13 +117,34 @@ impl<H> Registry<H> {
         n: usize,
         make: impl FnOnce(PipeId) -> H,
     ) -> Result<Admitted<'_, H>, Reject> {
+        self.admit_from(None, name, role, n, make)
+    }
+
+    /// [`Registry::admit`] for a party of `client`, who is charged for a pipe it opens
+    /// while that pipe waits.
+    pub fn admit_from(
+        &mut self,
+        client: Option<ClientAddr>,
+        name: &str,
+        role: Role,
+        n: usize,
+        make: impl FnOnce(PipeId) -> H,
+    ) -> Result<Admitted<'_, H>, Reject> {
         let mut new = false;
         if self.closed {
             return Err(Reject::ShuttingDown);
         }
         if !self.pipes.contains_key(name) {
+            let max = self.max_waiting_per_client;
+            if let Some(c) = client.filter(|&c| max > 0 && self.waiting_of(c) >= max) {
+                tracing::debug!(client = %c, "waiting pipes per client at the limit");
+                return Err(Reject::ClientPipes { max });
+            }
             if self.pipes.len() >= self.max_pipes {
                 return Err(Reject::TooManyPipes);
+            }
+            if let Some(c) = client {
+                *self.waiting_by_client.entry(c).or_default() += 1;
             }
             let id = self.next_id;
             self.next_id += 1;
@@ -103,6 +155,7 @@ impl<H> Registry<H> {
                 receivers: 0,
                 running: false,
                 handle: make(id),
+                opener: client,
             };
             self.pipes.insert(name.to_owned(), entry);
             new = true;
@@ -142,7 +195,9 @@ impl<H> Registry<H> {
             Role::Receiver => e.receivers = e.receivers.saturating_sub(1),
         }
         if !e.running && !e.sender && e.receivers == 0 {
+            let opener = e.opener;
             self.pipes.remove(name);
+            self.uncharge(opener);
             return true;
         }
         false
@@ -151,14 +206,22 @@ impl<H> Registry<H> {
     /// The transfer of pipe `id` started: newcomers on its name are told it is busy.
     pub fn start(&mut self, name: &str, id: PipeId) {
         if let Some(e) = self.pipes.get_mut(name).filter(|e| e.id == id) {
-            e.running = true;
+            if !e.running {
+                e.running = true;
+                let opener = e.opener;
+                self.uncharge(opener);
+            }
         }
     }
 
     /// The transfer of pipe `id` ended: the name is free at once.
     pub fn finish(&mut self, name: &str, id: PipeId) {
         if self.pipes.get(name).is_some_and(|e| e.id == id) {
-            self.pipes.remove(name);
+            if let Some(e) = self.pipes.remove(name) {
+                if !e.running {
+                    self.uncharge(e.opener);
+                }
+            }
         }
     }
 
@@ -262,6 +325,37 @@ mod tests {
             admit(&mut r, "a", Role::Sender, 2).unwrap_err().status(),
             503
         );
+    }
+
+    #[test]
+    fn one_client_may_open_only_so_many_waiting_pipes_and_others_are_served() {
+        let addr_a = ClientAddr::of("127.0.0.1".parse().unwrap());
+        let (a, b) = (
+            Some(addr_a),
+            Some(ClientAddr::of("127.0.0.2".parse().unwrap())),
+        );
+        let mut r: Registry<()> = Registry::new(100);
+        r.limit_per_client(2);
+        let open = |r: &mut Registry<()>, c, name: &str| {
+            r.admit_from(c, name, Role::Receiver, 1, |_| ())
+                .map(|a| a.id)
+        };
+        let p1 = open(&mut r, a, "a1").unwrap();
+        let p2 = open(&mut r, a, "a2").unwrap();
+        let e = open(&mut r, a, "a3").unwrap_err();
+        assert_eq!(e, Reject::ClientPipes { max: 2 });
+        assert_eq!(e.status(), 429);
+        assert!(open(&mut r, b, "b1").is_ok(), "another address opens pipes");
+        // Joining a pipe someone else opened is not opening one.
+        assert!(r.admit_from(a, "b1", Role::Sender, 1, |_| ()).is_ok());
+        // A pipe that starts, or whose parties leave, is no longer charged.
+        r.start("a1", p1);
+        assert!(r.leave("a2", p2, Role::Receiver));
+        assert_eq!(r.waiting_of(addr_a), 0);
+        open(&mut r, a, "a4").unwrap();
+        open(&mut r, a, "a5").unwrap();
+        r.finish("a1", p1);
+        assert_eq!(r.waiting_of(addr_a), 2);
     }
 
     #[test]

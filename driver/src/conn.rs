@@ -3,6 +3,7 @@
 use std::io::IoSlice;
 use std::task::{Context, Poll};
 
+use fanpipe_core::client::ClientAddr;
 use fanpipe_core::conn::{Action, Conn, PipeRequest};
 use fanpipe_core::request::Page;
 use fanpipe_core::Reject;
@@ -12,7 +13,9 @@ use crate::io::{Socket, Timer};
 /// Drives one connection's [`Conn`] until it is closed (`None`) or holds a pipe request
 /// for the registry (`Some`): reads, writes, shutdowns and deadlines as the core says.
 /// `refused` logs and counts a refusal; `hub_page` renders a page of the server's state
-/// (`/metrics`, `/healthz`) as its status and text. After a
+/// (`/metrics`, `/healthz`) as its status and text; `client` counts the connection under
+/// its client once known (a PROXY header names it), or says why it is over its share.
+/// After a
 /// pipe request the caller admits it, or tells the `Conn` why not and drives it again.
 pub fn poll_conn<S: Socket, T: Timer>(
     cx: &mut Context<'_>,
@@ -21,8 +24,14 @@ pub fn poll_conn<S: Socket, T: Timer>(
     timer: &mut T,
     mut refused: impl FnMut(&Reject),
     mut hub_page: impl FnMut(Page) -> (u16, String),
+    mut client: impl FnMut(ClientAddr) -> Result<(), Reject>,
 ) -> Poll<Option<PipeRequest>> {
     loop {
+        if let Some(addr) = conn.take_new_client() {
+            if let Err(why) = client(addr) {
+                conn.handle_refused(&why, timer.now());
+            }
+        }
         if let Some(why) = conn.take_refused() {
             refused(&why);
         }

@@ -5,7 +5,9 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fanpipe_core::client::ClientConns;
 
 use fanpipe_core::conn::{Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
@@ -28,6 +30,8 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct ServerState<H> {
     pub config: Config,
     pub connections: Connections,
+    /// Open connections per client address.
+    pub clients: ClientConns,
     hub: Mutex<Hub<H>>,
     /// The certificate store when the server speaks HTTPS (see [`ServerState::with_tls`]).
     tls: Option<TlsConfig>,
@@ -38,6 +42,7 @@ impl<H> ServerState<H> {
         ServerState {
             hub: Mutex::new(Hub::new(&config)),
             connections: Connections::default(),
+            clients: ClientConns::default(),
             config,
             tls: None,
         }
@@ -93,6 +98,7 @@ impl<H> ServerState<H> {
         sock: &mut S,
         timer: &mut T,
         peer: SocketAddr,
+        open: &mut OpenConn,
     ) -> Option<PipeRequest> {
         poll_fn(|cx| {
             poll_conn(
@@ -102,9 +108,24 @@ impl<H> ServerState<H> {
                 timer,
                 |why| self.hub().refused(peer, why),
                 |page| self.hub_page(page),
+                |client| self.count_client(open, client),
             )
         })
         .await
+    }
+
+    /// Counts the connection `open` under `client` too, or refuses it past the
+    /// per-client limit.
+    fn count_client(
+        &self,
+        open: &mut OpenConn,
+        client: fanpipe_core::client::ClientAddr,
+    ) -> Result<(), fanpipe_core::Reject> {
+        let held = self
+            .clients
+            .open(client, self.config.max_connections_per_client)?;
+        open.hold(held);
+        Ok(())
     }
 }
 
@@ -169,10 +190,14 @@ where
 /// only gets its `503`.
 pub fn accepted<R: Runtime>(rt: &R, sock: R::Socket, peer: SocketAddr, now: Instant) {
     let server = rt.server();
-    let (open, full) = server.connections.open(server.config.max_connections);
-    let mut conn = Conn::new(&server.config, now);
+    let (mut open, full) = server.connections.open(server.config.max_connections);
+    let mut conn = Conn::accepted(&server.config, peer.ip(), now);
     conn.set_tls(sock.is_tls());
-    if let Some(why) = full {
+    let over_share = match conn.take_new_client() {
+        Some(client) if full.is_none() => server.count_client(&mut open, client).err(),
+        _ => None,
+    };
+    if let Some(why) = full.or(over_share) {
         conn.handle_refused(&why, now);
     }
     rt.spawn_connection(Connection {
@@ -194,7 +219,8 @@ pub async fn serve_connection<R: Runtime>(rt: &R, mut c: Connection<R::Socket>) 
         let request = match c.request.take() {
             Some(request) => request,
             None => {
-                let polled = server.next_request(&mut c.conn, &mut c.sock, &mut timer, c.peer);
+                let polled =
+                    server.next_request(&mut c.conn, &mut c.sock, &mut timer, c.peer, &mut c.open);
                 let Some(request) = polled.await else {
                     return;
                 };
@@ -211,7 +237,7 @@ pub async fn serve_connection<R: Runtime>(rt: &R, mut c: Connection<R::Socket>) 
         let refused = {
             let mut hub = server.hub();
             let make = |params| rt.spawn_pipe(PipeTask::new(params, &server.config, rt.timer()));
-            match hub.admit(&request, make) {
+            match hub.admit_at(&request, unix_now(), make) {
                 Ok(admitted) => {
                     let arrival = Box::new((c.sock, request, c.open));
                     rt.send(admitted.handle, Msg::Arrival(arrival));
@@ -234,6 +260,14 @@ pub async fn announce_stop<R: Runtime>(rt: &R) {
     let mut timer = rt.timer();
     let at = timer.now() + server.config.drain_delay;
     sleep_until(&mut timer, at).await;
+}
+
+/// The wall clock in unix seconds, which signed URLs expire by (0 if it is set before
+/// 1970: every signature is then unexpired rather than the server refusing all).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A graceful shutdown, stepped until done: no one is admitted any more, each phase is

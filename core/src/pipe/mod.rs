@@ -259,6 +259,10 @@ pub struct Pipe {
     last_progress: Option<Instant>,
     /// The sender's bytes read with its head, decoded once the transfer starts.
     leftover: Vec<u8>,
+    /// With `--min-receiver-rate`: when the current rate window ends.
+    rate_check: Option<Instant>,
+    /// Each receiver's ring position (by slot) when the current rate window began.
+    rate_marks: Vec<u64>,
 }
 
 impl Pipe {
@@ -277,13 +281,17 @@ impl Pipe {
             events: VecDeque::new(),
             last_progress: None,
             leftover: Vec::new(),
+            rate_check: None,
+            rate_marks: Vec::new(),
         }
     }
 
     /// A party the registry admitted joins.
     pub fn join(&mut self, pipe_request: PipeRequest, role: Role, now: Instant) -> PartyId {
         let id = self.parties.len();
-        let PipeRequest { request, leftover } = pipe_request;
+        let PipeRequest {
+            request, leftover, ..
+        } = pipe_request;
         // A waiting sender is not read: its heartbeat and its socket's state tell whether it
         // has gone.
         let sender = role == Role::Sender;
@@ -437,9 +445,12 @@ impl Pipe {
 
     /// The next instant at which [`Pipe::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let idle = match self.stage {
-            Stage::Running { .. } => self.last_progress.map(|t| t + self.config.idle_timeout),
-            _ => None,
+        let (idle, rate) = match self.stage {
+            Stage::Running { .. } => (
+                self.last_progress.map(|t| t + self.config.idle_timeout),
+                self.rate_check,
+            ),
+            _ => (None, None),
         };
         self.parties
             .iter()
@@ -471,6 +482,7 @@ impl Pipe {
             })
             .flatten()
             .chain(idle)
+            .chain(rate)
             .min()
     }
 
@@ -509,6 +521,55 @@ impl Pipe {
             if now >= last + self.config.idle_timeout {
                 self.stalled(now);
             }
+        }
+        if let (Stage::Running { .. }, Some(at)) = (self.stage, self.rate_check) {
+            if now >= at {
+                self.check_rates(now);
+            }
+        }
+    }
+
+    /// The end of a rate window (`--min-receiver-rate`): a receiver that took fewer than
+    /// rate × window bytes in it while at least half the buffer waited for it holds the
+    /// sender and the others back, and is dropped (counted lost) so they go on. One that
+    /// is slow only because the sender is (it has little waiting) stays.
+    fn check_rates(&mut self, now: Instant) {
+        let window = self.config.min_rate_window;
+        self.rate_check = Some(now + window);
+        let Some(body) = &self.body else { return };
+        let need = self
+            .config
+            .min_receiver_rate
+            .saturating_mul(window.as_secs().max(1));
+        let half = (body.ring.limit() as u64 / 2).max(1);
+        let written = body.ring.written();
+        let mut slow = Vec::new();
+        for &p in &self.receivers {
+            let State::Receiving(feed) = self.parties[p].state else {
+                continue;
+            };
+            let Some(pos) = body.ring.position(feed.slot) else {
+                continue;
+            };
+            let mark = self.rate_marks.get(feed.slot).copied().unwrap_or(0);
+            if pos.saturating_sub(mark) < need && written - pos >= half {
+                slow.push(p);
+            }
+            if let Some(m) = self.rate_marks.get_mut(feed.slot) {
+                *m = pos;
+            }
+        }
+        if slow.is_empty() {
+            return;
+        }
+        self.say(&format!(
+            "[INFO] dropped {} receiver(s) slower than {} bytes/s over {} s",
+            slow.len(),
+            self.config.min_receiver_rate,
+            window.as_secs()
+        ));
+        for p in slow {
+            self.handle_error(p, now);
         }
     }
 
@@ -790,6 +851,10 @@ impl Pipe {
                 let chunk = length.is_none().then(Chunk::default);
                 party.state = State::Receiving(Feed { slot, chunk });
             }
+        }
+        if self.config.min_receiver_rate > 0 {
+            self.rate_check = Some(now + self.config.min_rate_window);
+            self.rate_marks = vec![0; ids.len()];
         }
         self.receivers = ids;
         let leftover = std::mem::take(&mut self.leftover);
