@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::budget::MemoryBudget;
 use crate::request::Report;
 
 /// What the core needs to know of the operator's choices.
@@ -48,6 +49,9 @@ pub struct Config {
     pub max_pipes: usize,
     /// When a sender that does not say (`report=`) gets its response head.
     pub sender_report: Report,
+    /// What all pipes' buffers may hold together (`--memory-limit`), shared by every clone
+    /// of this config.
+    pub memory: MemoryBudget,
 }
 
 impl Default for Config {
@@ -71,6 +75,7 @@ impl Default for Config {
             max_connections: 10_000,
             max_pipes: 10_000,
             sender_report: Report::Live,
+            memory: MemoryBudget::default(),
         }
     }
 }

@@ -781,7 +781,8 @@ impl Pipe {
         let capacity = length.map_or(most, |l| {
             usize::try_from(l).map_or(most, |l| l.clamp(MIN_BUFFER_SIZE, most))
         });
-        let mut ring = Broadcast::growing(INITIAL_CAPACITY, capacity, ids.len());
+        let mut ring =
+            Broadcast::budgeted(INITIAL_CAPACITY, capacity, ids.len(), &self.config.memory);
         for (slot, &p) in ids.iter().enumerate() {
             let party = &mut self.parties[p];
             if length.is_none() && party.request.minor == 0 {
@@ -943,6 +944,10 @@ impl Pipe {
 
     fn end(&mut self, outcome: Outcome, started: Instant, complete: usize, now: Instant) {
         self.stage = Stage::Ended;
+        // No one reads the ring any more: its memory goes back to the budget now.
+        if let Some(body) = self.body.as_mut() {
+            body.ring.release();
+        }
         let seconds = now.saturating_duration_since(started).as_secs_f64();
         let bytes = self.body.as_ref().map_or(0, |b| b.bytes);
         let rate = if seconds > 0.0 {
