@@ -99,6 +99,10 @@ pub const CONTINUE_HOLD: Duration = Duration::from_secs(1);
 /// went through (or that it has gone).
 const FIRST_BYTES: usize = 64;
 
+/// How much of a party that is only drained (to see its end) is read at a time: most never
+/// send a byte, and every pipe with a waiting receiver holds this buffer.
+const DRAIN_READ: usize = 1024;
+
 /// Where a party is in its life. Each state holds what only it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -554,7 +558,7 @@ impl Pipe {
         if !drain {
             return None;
         }
-        self.scratch.resize(4096, 0);
+        self.scratch.resize(DRAIN_READ, 0);
         Some(&mut self.scratch)
     }
 
