@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use fanpipe_core::budget::{MemoryBudget, DEFAULT_MEMORY_LIMIT};
 use fanpipe_core::client::Cidr;
 use fanpipe_core::config::{
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_MAX_WAITING_PER_CLIENT, MIN_BUFFER_SIZE,
@@ -90,6 +91,11 @@ struct Args {
     /// Bytes buffered per running pipe between the sender and its slowest receiver.
     #[arg(long, env = "FANPIPE_BUFFER_SIZE", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(MIN_BUFFER_SIZE as u64..=1 << 32))]
     buffer_size: u64,
+    /// Bytes all pipes' buffers may hold together. A pipe's buffer starts at 64 KiB (less
+    /// when this is spent, never under 16 KiB) and grows toward --buffer-size only while
+    /// three quarters of this are not in use; it goes back when its transfer ends.
+    #[arg(long, env = "FANPIPE_MEMORY_LIMIT", default_value_t = DEFAULT_MEMORY_LIMIT as u64, value_parser = clap::value_parser!(u64).range(MIN_BUFFER_SIZE as u64..=1 << 48))]
+    memory_limit: u64,
     /// Largest request head in bytes (431 past it); the request line alone may have 8 KiB (414).
     #[arg(long, env = "FANPIPE_MAX_HEAD_SIZE", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 20))]
     max_head_size: u64,
@@ -283,6 +289,7 @@ fn main() -> ExitCode {
     let config = Config {
         max_receivers: args.max_receivers as usize,
         buffer_size: args.buffer_size as usize,
+        memory: MemoryBudget::new(args.memory_limit as usize),
         max_head_size: args.max_head_size as usize,
         max_request_line: (args.max_head_size as usize).min(8 * 1024),
         max_headers: args.max_headers as usize,

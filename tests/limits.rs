@@ -682,6 +682,8 @@ fn metrics_list_every_series() {
         r#"fanpipe_pipes{state="running"}"#.into(),
         "fanpipe_bytes_received_total".into(),
         "fanpipe_bytes_delivered_total".into(),
+        "fanpipe_buffer_bytes".into(),
+        "fanpipe_buffer_limit_bytes".into(),
     ];
     for outcome in [
         "complete",
@@ -917,6 +919,16 @@ fn load_receiver(
 }
 
 fn load_sender(addr: SocketAddr, path: &str, body: &[u8], chunked: bool) -> Result<(), String> {
+    load_sender_of(addr, path, body, chunked, LOAD_N)
+}
+
+fn load_sender_of(
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    chunked: bool,
+    n: usize,
+) -> Result<(), String> {
     let mut client = Client::connect(addr, LOAD_IO_TIMEOUT)?;
     let framing = if chunked {
         "Transfer-Encoding: chunked".to_string()
@@ -957,9 +969,9 @@ fn load_sender(addr: SocketAddr, path: &str, body: &[u8], chunked: bool) -> Resu
     let lines = String::from_utf8_lossy(&lines).into_owned();
     let last = lines.lines().last().unwrap_or_default();
     match parse_done(last) {
-        Some(done) if done == (body.len() as u64, LOAD_N as u32, LOAD_N as u32) => Ok(()),
+        Some(done) if done == (body.len() as u64, n as u32, n as u32) => Ok(()),
         _ => Err(format!(
-            "sender of {} bytes: last line {last:?}, expected `done: {} bytes to {LOAD_N} of {LOAD_N}`",
+            "sender of {} bytes: last line {last:?}, expected `done: {} bytes to {n} of {n}`",
             body.len(),
             body.len()
         )),
@@ -1066,6 +1078,104 @@ fn thousand_connections_all_transfers_correct() {
     );
 }
 
+// ---------------------------------------------------------------------------------------
+// --memory-limit
+// ---------------------------------------------------------------------------------------
+
+const BUDGET_PIPES: usize = 1000;
+const BUDGET_LIMIT: usize = 16 * MIB;
+
+/// A thousand pipes of 1 MiB at once (n = 1) under a 16 MiB `--memory-limit`: every byte
+/// arrives, the server's peak RSS stays within the limit and 64 MiB more (each pipe would
+/// otherwise grow its ring to 1 MiB), and every ring's bytes go back to the budget.
+fn thousand_pipes_stay_within_the_memory_limit() {
+    let limit = BUDGET_LIMIT.to_string();
+    let server = Server::start(&["--memory-limit", &limit, "--buffer-size", "1048576"]);
+    let addr = server.addr();
+    let text = scrape(&server);
+    assert_eq!(
+        require(&text, "fanpipe_buffer_limit_bytes"),
+        BUDGET_LIMIT as f64
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // A few distinct bodies, so a byte from the wrong pipe shows.
+    let bodies: Vec<Arc<Vec<u8>>> = (0..8).map(|i| Arc::new(payload(MIB, 2_000 + i))).collect();
+    let (tx, rx) = mpsc::channel::<(String, Result<(), String>)>();
+    let spawn = |label: String, work: Box<dyn FnOnce() -> Result<(), String> + Send>| {
+        let tx = tx.clone();
+        thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let _ = tx.send((label, work()));
+            })
+            .expect("spawn a client thread");
+    };
+    let paths: Vec<String> = (0..BUDGET_PIPES)
+        .map(|i| format!("/api/v1/pipe/{}?n=1", pipe_name(&format!("budget-{i}"))))
+        .collect();
+    let connected = Arc::new(AtomicUsize::new(0));
+    for (i, path) in paths.iter().enumerate() {
+        let (path, body, connected) = (
+            path.clone(),
+            Arc::clone(&bodies[i % 8]),
+            Arc::clone(&connected),
+        );
+        spawn(
+            format!("pipe {i} receiver"),
+            Box::new(move || load_receiver(addr, &path, &body, i % 2 == 1, &connected)),
+        );
+    }
+    let connect_deadline = Instant::now() + Duration::from_secs(30);
+    while connected.load(Ordering::SeqCst) < BUDGET_PIPES && Instant::now() < connect_deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    for (i, path) in paths.iter().enumerate() {
+        let (path, body) = (path.clone(), Arc::clone(&bodies[i % 8]));
+        spawn(
+            format!("pipe {i} sender"),
+            Box::new(move || load_sender_of(addr, &path, &body, i % 2 == 1, 1)),
+        );
+    }
+    drop(tx);
+    let total = 2 * BUDGET_PIPES;
+    let mut failures = Vec::new();
+    let mut finished = 0;
+    while finished < total {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((label, result)) => {
+                finished += 1;
+                if let Err(why) = result {
+                    failures.push(format!("{label}: {why}"));
+                }
+            }
+            Err(_) => {
+                failures.push(format!(
+                    "{} of {total} clients had not finished after 60 s",
+                    total - finished
+                ));
+                break;
+            }
+        }
+    }
+    let hwm = server.proc_status_kib("VmHWM");
+    let shown = failures.len().min(20);
+    assert!(
+        failures.is_empty(),
+        "{} failure(s) among {total} clients (first {shown}):\n  {}",
+        failures.len(),
+        failures[..shown].join("\n  ")
+    );
+    let bound = (BUDGET_LIMIT + 64 * MIB) / 1024;
+    assert!(
+        hwm < bound as u64,
+        "server peak RSS (VmHWM) {hwm} KiB with {BUDGET_PIPES} pipes of 1 MiB under \
+         --memory-limit {BUDGET_LIMIT}, bound {bound} KiB"
+    );
+    scrape_until(&server, "every ring's bytes back in the budget", |text| {
+        metric(text, "fanpipe_buffer_bytes") == Some(0.0)
+    });
+}
+
 /// The server, told to stop, exits with status 0 within `secs`; `context` goes into the
 /// failure message.
 fn assert_exits_cleanly(server: Server, secs: u64, context: &str) {
@@ -1101,4 +1211,5 @@ conformance! {
     metrics_show_a_waiting_receiver,
     healthz_is_200_ok,
     thousand_connections_all_transfers_correct,
+    thousand_pipes_stay_within_the_memory_limit,
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod floor;
 pub mod floor_tee;
 pub mod http;
+pub mod meet;
 pub mod payload;
 pub mod procstat;
 pub mod report;

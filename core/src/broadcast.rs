@@ -4,10 +4,17 @@
 //!
 //! The ring starts small and doubles, up to its limit, only when the writer finds it full:
 //! a short transfer, or one whose receivers keep up, never holds a whole buffer, so a
-//! thousand small pipes cost a thousand small rings.
+//! thousand small pipes cost a thousand small rings. A ring given a [`MemoryBudget`] is
+//! charged for its bytes, starts smaller and stops growing when the budget is spent, and
+//! gives its bytes back when dropped or released.
+
+use crate::budget::MemoryBudget;
 
 /// Where a ring starts (or its limit, if smaller).
 pub const INITIAL_CAPACITY: usize = 64 * 1024;
+
+/// The least a budgeted ring is given, spent budget or not (or its limit, if smaller).
+pub const FLOOR_CAPACITY: usize = 16 * 1024;
 
 /// A ring of at most `limit` bytes with absolute (never wrapping) positions.
 #[derive(Debug)]
@@ -18,6 +25,8 @@ pub struct Broadcast {
     head: u64,
     /// Each receiver's position; `None` once it has gone.
     cursors: Vec<Option<u64>>,
+    /// Charged for `buf.len()` bytes.
+    budget: MemoryBudget,
 }
 
 impl Broadcast {
@@ -28,13 +37,31 @@ impl Broadcast {
 
     /// A ring of `initial` bytes that grows up to `limit` as the writer needs room.
     pub fn growing(initial: usize, limit: usize, receivers: usize) -> Self {
+        Self::budgeted(initial, limit, receivers, &MemoryBudget::unlimited())
+    }
+
+    /// A growing ring charged to `budget`: it starts at `initial` or, if the budget has
+    /// not that much left, smaller down to [`FLOOR_CAPACITY`], and grows only while the
+    /// budget allows.
+    pub fn budgeted(initial: usize, limit: usize, receivers: usize, budget: &MemoryBudget) -> Self {
         let limit = limit.max(1);
+        let size = budget.start(initial.clamp(1, limit), FLOOR_CAPACITY);
         Broadcast {
-            buf: vec![0; initial.clamp(1, limit)],
+            buf: vec![0; size],
             limit,
             head: 0,
             cursors: vec![Some(0); receivers],
+            budget: budget.clone(),
         }
+    }
+
+    /// The transfer is over: the memory goes back to the budget (and the system) now,
+    /// not when the pipe's last connection closes. Nothing is readable or writable after.
+    pub fn release(&mut self) {
+        self.budget.refund(self.buf.len());
+        self.buf = Vec::new();
+        self.limit = 0;
+        self.cursors.iter_mut().for_each(|c| *c = None);
     }
 
     /// Bytes the buffer holds now; it may grow up to [`Self::limit`].
@@ -49,17 +76,19 @@ impl Broadcast {
 
     /// Free bytes, after growing the ring (if it may) until at least `want` are free.
     pub fn reserve(&mut self, want: usize) -> usize {
-        while self.buf.len() - self.buffered() < want && self.buf.len() < self.limit {
-            self.grow();
-        }
+        while self.buf.len() - self.buffered() < want && self.grow() {}
         self.buf.len() - self.buffered()
     }
 
-    /// Doubles the ring (up to its limit) for a writer that could have written more.
-    pub fn grow(&mut self) {
-        if self.buf.len() < self.limit {
-            self.grow_to((self.buf.len() * 2).min(self.limit));
+    /// Doubles the ring (up to its limit) for a writer that could have written more, if
+    /// the budget allows; says whether it grew.
+    pub fn grow(&mut self) -> bool {
+        let (now, to) = (self.buf.len(), (self.buf.len() * 2).min(self.limit));
+        if to <= now || !self.budget.grow(to - now) {
+            return false;
         }
+        self.grow_to(to);
+        true
     }
 
     /// Moves the held bytes into a larger ring; positions are absolute, so cursors stay.
@@ -105,6 +134,9 @@ impl Broadcast {
     pub fn writable(&mut self) -> &mut [u8] {
         self.reserve(1);
         let cap = self.buf.len();
+        if cap == 0 {
+            return &mut [];
+        }
         let free = cap - self.buffered();
         let at = (self.head % cap as u64) as usize;
         let end = at + free.min(cap - at);
@@ -114,6 +146,9 @@ impl Broadcast {
     /// How many bytes [`Self::writable`] would offer.
     pub fn writable_len(&self) -> usize {
         let cap = self.buf.len();
+        if cap == 0 {
+            return 0;
+        }
         let at = (self.head % cap as u64) as usize;
         (cap - self.buffered()).min(cap - at)
     }
@@ -172,6 +207,12 @@ impl Broadcast {
     }
 }
 
+impl Drop for Broadcast {
+    fn drop(&mut self) {
+        self.budget.refund(self.buf.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +259,34 @@ mod tests {
         let (x, y) = b.readable(0, u64::MAX);
         assert_eq!([x, y].concat(), b"cdefghijklmnopqr");
         assert_eq!(b.writable_len(), 0);
+    }
+
+    #[test]
+    fn a_budgeted_ring_grows_while_the_budget_allows_and_refunds_on_drop() {
+        let budget = MemoryBudget::new(8 * FLOOR_CAPACITY);
+        let mut a = Broadcast::budgeted(2 * FLOOR_CAPACITY, 1 << 20, 1, &budget);
+        assert_eq!(a.capacity(), 2 * FLOOR_CAPACITY);
+        // Growth stops at three quarters of the budget: 6 floors.
+        assert_eq!(a.reserve(1 << 20), 4 * FLOOR_CAPACITY);
+        assert_eq!(budget.used(), 4 * FLOOR_CAPACITY);
+        let b = Broadcast::budgeted(4 * FLOOR_CAPACITY, 1 << 20, 1, &budget);
+        assert_eq!(b.capacity(), 4 * FLOOR_CAPACITY);
+        // Spent: a new ring gets its floor, and still moves bytes.
+        let mut c = Broadcast::budgeted(4 * FLOOR_CAPACITY, 1 << 20, 1, &budget);
+        assert_eq!(c.capacity(), FLOOR_CAPACITY);
+        assert_eq!(budget.used(), 9 * FLOOR_CAPACITY);
+        assert_eq!(c.push(&[7; 3 * FLOOR_CAPACITY]), FLOOR_CAPACITY);
+        assert!(!c.grow());
+        drop(b);
+        assert_eq!(budget.used(), 5 * FLOOR_CAPACITY);
+        // Others ended: growth resumes.
+        assert!(c.grow());
+        a.release();
+        assert_eq!(a.writable_len(), 0);
+        assert_eq!(a.push(b"x"), 0);
+        assert_eq!(budget.used(), 2 * FLOOR_CAPACITY);
+        drop((a, c));
+        assert_eq!(budget.used(), 0);
     }
 
     proptest! {

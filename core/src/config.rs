@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::Cidr;
+use crate::budget::MemoryBudget;
 use crate::request::Report;
 use crate::signed::Keys;
 
@@ -66,6 +67,9 @@ pub struct Config {
     pub min_receiver_rate: u64,
     /// The window `min_receiver_rate` is measured over.
     pub min_rate_window: Duration,
+    /// What all pipes' buffers may hold together (`--memory-limit`), shared by every clone
+    /// of this config.
+    pub memory: MemoryBudget,
 }
 
 impl Default for Config {
@@ -96,6 +100,7 @@ impl Default for Config {
             max_waiting_per_client: DEFAULT_MAX_WAITING_PER_CLIENT,
             min_receiver_rate: 0,
             min_rate_window: Duration::from_secs(30),
+            memory: MemoryBudget::default(),
         }
     }
 }

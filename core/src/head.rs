@@ -66,6 +66,10 @@ pub struct HeadReader {
 /// How much the reader asks for at a time.
 const READ_CHUNK: usize = 8 * 1024;
 
+/// The first read of a connection: most heads (curl's, a proxy's) fit in it, so a thousand
+/// connections reading their heads at once do not each hold (and zero) `READ_CHUNK`.
+const FIRST_READ: usize = 1024;
+
 impl HeadReader {
     pub fn new(max_line: usize, max_head: usize, max_headers: usize) -> Self {
         HeadReader {
@@ -83,9 +87,12 @@ impl HeadReader {
     /// Where the backend should read the next bytes to.
     pub fn space(&mut self) -> &mut [u8] {
         // Allow one byte past the limit so an oversized head is seen as such.
-        let want = (self.len + READ_CHUNK)
-            .min(self.max_head + 1)
-            .max(self.len + 1);
+        let chunk = if self.buf.is_empty() {
+            FIRST_READ
+        } else {
+            READ_CHUNK
+        };
+        let want = (self.len + chunk).min(self.max_head + 1).max(self.len + 1);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::budget::MemoryBudget;
 use crate::conn::PipeRequest;
 use crate::error::Reject;
 use crate::metrics::Metrics;
@@ -68,6 +69,8 @@ pub struct Hub<H> {
     stopping: bool,
     /// With a secret file: the keys every pipe request's signature is checked with.
     keys: Option<Arc<Keys>>,
+    /// The pipes' buffers, for `/metrics`.
+    memory: MemoryBudget,
 }
 
 impl<H> Hub<H> {
@@ -81,6 +84,7 @@ impl<H> Hub<H> {
             phase: Phase::Running,
             until: None,
             stopping: false,
+            memory: config.memory.clone(),
         }
     }
 
@@ -128,7 +132,9 @@ impl<H> Hub<H> {
 
     /// The text of `/metrics`, given how many connections are open.
     pub fn metrics_page(&self, connections: usize) -> String {
-        self.metrics.render(self.registry.counts(), connections)
+        let mut page = self.metrics.render(self.registry.counts(), connections);
+        page.push_str(&Metrics::render_memory(&self.memory));
+        page
     }
 
     /// One of the pages that tell the server's state ([`Conn::hub_page`]): its status

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broadcast;
+pub mod budget;
 pub mod chunked;
 pub mod client;
 pub mod config;

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::budget::MemoryBudget;
 use crate::chunked::BodyError;
 use crate::client::ClientConn;
 use crate::error::Reject;
@@ -145,6 +146,18 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The series of the pipes' buffer memory.
+    pub fn render_memory(budget: &MemoryBudget) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP fanpipe_buffer_bytes Bytes the pipes' buffers hold now.\n# TYPE fanpipe_buffer_bytes gauge");
+        let _ = writeln!(out, "fanpipe_buffer_bytes {}", budget.used());
+        let _ = writeln!(out, "# HELP fanpipe_buffer_limit_bytes What the pipes' buffers may hold together (--memory-limit).\n# TYPE fanpipe_buffer_limit_bytes gauge");
+        let _ = writeln!(out, "fanpipe_buffer_limit_bytes {}", budget.limit());
+        out
+    }
+}
+
 /// How many client connections are open, wherever their sockets are (a connection's
 /// task, a pipe's task, another core). Shared by the backend's threads.
 #[derive(Debug, Clone, Default)]
@@ -229,6 +242,20 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn renders_the_buffer_memory() {
+        let text = Metrics::render_memory(&MemoryBudget::new(1 << 20));
+        assert!(
+            text.lines().any(|l| l == "fanpipe_buffer_bytes 0"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "fanpipe_buffer_limit_bytes 1048576"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -69,6 +69,30 @@ enum Command {
         load: LoadArgs,
         #[command(flatten)]
         floor: FloorArgs,
+    },
+    /// Hold --pipes waiting parties (the first party of each pipe, n = 1: a sender on even
+    /// pipes, a receiver on odd), report the server's RSS per waiting party, then bring their
+    /// partners and run every transfer, with the server's peak RSS.
+    Hold {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        meet: MeetArgs,
+    },
+    /// Many short transfers (n = 1), --parallel at a time, each on a fresh name: pipes per
+    /// second, and p50/p99 of the time from the last party's arrival to the receiver's first
+    /// body byte.
+    Rendezvous {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        meet: MeetArgs,
+        /// Transfers in all
+        #[arg(long, default_value_t = 2000)]
+        transfers: usize,
+        /// Transfers at a time
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
     },
     /// The floor server itself (started by `floor` and `compare`).
     #[command(hide = true)]
@@ -141,6 +165,25 @@ struct LoadArgs {
 }
 
 #[derive(Args, Clone)]
+struct MeetArgs {
+    /// Pipes (hold: waiting parties)
+    #[arg(long, default_value_t = 1000)]
+    pipes: usize,
+    /// Payload per pipe
+    #[arg(long, default_value = "16KiB", value_parser = size::parse_size)]
+    size: u64,
+    /// Connections opened at a time
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Runtime worker threads (default: all cores)
+    #[arg(long)]
+    threads: Option<usize>,
+    /// First part of each pipe name (NAME-RUNID-PIPE)
+    #[arg(long, default_value = "meet")]
+    name: String,
+}
+
+#[derive(Args, Clone)]
 struct FloorArgs {
     /// Floor server: bytes in flight between the sender and the slowest receiver (its
     /// window; fanpipe's default --buffer-size is the same 1 MiB)
@@ -189,6 +232,13 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Hold { server, meet }) => return run_meet(&server, &meet, None),
+        Some(Command::Rendezvous {
+            server,
+            meet,
+            transfers,
+            parallel,
+        }) => return run_meet(&server, &meet, Some((transfers, parallel))),
         None => (cli.load, Some(cli.server), None, Plan::Server),
         Some(Command::Floor { load, floor }) => (load, None, Some(floor), Plan::Floor),
         Some(Command::Compare {
@@ -204,6 +254,148 @@ fn main() -> ExitCode {
             eprintln!("fanpipe-load: {message}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `hold` (no `rendezvous`), or `rendezvous` of (transfers, parallel).
+fn run_meet(server: &ServerArgs, args: &MeetArgs, rendezvous: Option<(usize, usize)>) -> ExitCode {
+    use fanpipe_bench::meet;
+    let fail = |m: String| {
+        eprintln!("fanpipe-load: {m}");
+        ExitCode::from(2)
+    };
+    let Some(url) = server.url.as_ref().or(server.url_arg.as_ref()) else {
+        return fail("give the server's base URL, e.g. http://127.0.0.1:8080".into());
+    };
+    let at = match run::http_target(url, &server.path_prefix) {
+        Ok(Target::Http {
+            addr,
+            host,
+            base_path,
+            ..
+        }) => Arc::new(meet::Where {
+            addr,
+            host: host.to_string(),
+            base_path,
+        }),
+        Ok(_) => return fail("not an HTTP target".into()),
+        Err(e) => return fail(e),
+    };
+    let files = procstat::raise_nofile_limit().unwrap_or(0);
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("runtime: {e}")),
+    };
+    let prefix = format!(
+        "{}-{}",
+        args.name,
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let rss = |pid: u32| procstat::rss_kib(pid).unwrap_or(0);
+    if let Some((transfers, parallel)) = rendezvous {
+        let cpu0 = server.pid.and_then(|p| procstat::cpu_times(p).ok());
+        let r = rt.block_on(meet::rendezvous(
+            at, &prefix, transfers, parallel, args.size,
+        ));
+        let cpu = match (server.pid, cpu0) {
+            (Some(p), Some(c0)) => procstat::cpu_times(p)
+                .map(|c| format!(", server CPU {:.2} s", c.since(c0).total()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        println!(
+            "rendezvous: {} transfers of {} bytes, {parallel} at a time: {:.2} s, {:.0} pipes/s; last arrival to first byte p50 {:.2} ms, p99 {:.2} ms{cpu}; {} errors",
+            r.transfers,
+            args.size,
+            r.seconds,
+            (r.transfers - r.errors.len()) as f64 / r.seconds,
+            r.percentile(0.5).as_secs_f64() * 1e3,
+            r.percentile(0.99).as_secs_f64() * 1e3,
+            r.errors.len()
+        );
+        for e in r.errors.iter().take(10) {
+            eprintln!("  {e}");
+        }
+        return if r.errors.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let need = 2 * args.pipes as u64 + 64;
+    if files < need {
+        return fail(format!(
+            "--pipes {} needs {need} open files here and the limit is {files}: lower --pipes, or raise `ulimit -n` (the server needs as many)",
+            args.pipes
+        ));
+    }
+    let base = server.pid.map(rss);
+    let start = Instant::now();
+    let first = match rt.block_on(meet::open_first_parties(
+        at.clone(),
+        &prefix,
+        args.pipes,
+        args.size,
+        args.concurrency,
+    )) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let opened = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(1));
+    let waiting = server.pid.map(rss);
+    if let (Some(p), Some(b), Some(w)) = (server.pid, base, waiting) {
+        let _ = procstat::reset_peak_rss(p);
+        println!(
+            "hold: {} waiting parties opened in {opened:.2} s; server RSS {:.1} -> {:.1} MiB, {:.0} bytes per waiting party",
+            args.pipes,
+            b as f64 / 1024.0,
+            w as f64 / 1024.0,
+            (w.saturating_sub(b) * 1024) as f64 / args.pipes as f64
+        );
+    } else {
+        println!(
+            "hold: {} waiting parties opened in {opened:.2} s",
+            args.pipes
+        );
+    }
+    let start = Instant::now();
+    let errors = rt.block_on(meet::complete_all(
+        at,
+        &prefix,
+        first,
+        args.size,
+        args.concurrency,
+    ));
+    let secs = start.elapsed().as_secs_f64();
+    let peak = server
+        .pid
+        .and_then(|p| procstat::peak_rss_kib(p).ok())
+        .map(|k| format!("; server peak RSS {:.1} MiB", k as f64 / 1024.0))
+        .unwrap_or_default();
+    println!(
+        "hold: partners joined, {} transfers of {} bytes in {secs:.2} s{peak}; {} errors",
+        args.pipes,
+        args.size,
+        errors.len()
+    );
+    for e in errors.iter().take(10) {
+        eprintln!("  {e}");
+    }
+    if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

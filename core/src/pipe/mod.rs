@@ -97,6 +97,10 @@ pub const CONTINUE_HOLD: Duration = Duration::from_secs(1);
 /// went through (or that it has gone).
 const FIRST_BYTES: usize = 64;
 
+/// How much of a party that is only drained (to see its end) is read at a time: most never
+/// send a byte, and every pipe with a waiting receiver holds this buffer.
+const DRAIN_READ: usize = 1024;
+
 /// Where a party is in its life. Each state holds what only it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -609,7 +613,7 @@ impl Pipe {
         if !drain {
             return None;
         }
-        self.scratch.resize(4096, 0);
+        self.scratch.resize(DRAIN_READ, 0);
         Some(&mut self.scratch)
     }
 
@@ -836,7 +840,8 @@ impl Pipe {
         let capacity = length.map_or(most, |l| {
             usize::try_from(l).map_or(most, |l| l.clamp(MIN_BUFFER_SIZE, most))
         });
-        let mut ring = Broadcast::growing(INITIAL_CAPACITY, capacity, ids.len());
+        let mut ring =
+            Broadcast::budgeted(INITIAL_CAPACITY, capacity, ids.len(), &self.config.memory);
         for (slot, &p) in ids.iter().enumerate() {
             let party = &mut self.parties[p];
             if length.is_none() && party.request.minor == 0 {
@@ -1002,6 +1007,10 @@ impl Pipe {
 
     fn end(&mut self, outcome: Outcome, started: Instant, complete: usize, now: Instant) {
         self.stage = Stage::Ended;
+        // No one reads the ring any more: its memory goes back to the budget now.
+        if let Some(body) = self.body.as_mut() {
+            body.ring.release();
+        }
         let seconds = now.saturating_duration_since(started).as_secs_f64();
         let bytes = self.body.as_ref().map_or(0, |b| b.bytes);
         let rate = if seconds > 0.0 {
