@@ -12,6 +12,7 @@ pub mod error;
 pub mod head;
 pub mod hub;
 pub mod metrics;
+pub mod multipart;
 pub mod pipe;
 pub mod registry;
 pub mod request;

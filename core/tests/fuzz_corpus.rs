@@ -7,6 +7,9 @@
 #[path = "../../fuzz/src/lib.rs"]
 mod targets;
 
+#[path = "../../fuzz/src/multipart.rs"]
+mod multipart_target;
+
 use std::path::PathBuf;
 
 /// Corpus files that show a core bug not fixed yet, as (target, file name): the normal
@@ -71,6 +74,15 @@ fn chunked_corpus() {
 #[test]
 fn pipe_corpus() {
     replay("pipe", targets::pipe, false);
+}
+
+#[test]
+fn multipart_corpus() {
+    replay(
+        "multipart",
+        |data, _| multipart_target::multipart(data),
+        false,
+    );
 }
 
 /// Replays strictly the corpus files of known, unfixed core bugs (none at the moment).
