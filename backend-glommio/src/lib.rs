@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::registry::{shard_of, PipeId};
-use fanpipe_core::request::Route;
 use fanpipe_core::Config;
 use fanpipe_driver::{Connection, Msg, PipeTask, Runtime, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
@@ -212,7 +211,7 @@ impl Runtime for Glommio {
     }
 
     fn hand_over(&self, conn: Connection<Party>) {
-        let Some(Route::Pipe { name, .. }) = conn.request.as_ref().map(|r| &r.request.route) else {
+        let Some(name) = conn.request.as_ref().and_then(|r| r.request.pipe_name()) else {
             return;
         };
         let owner = shard_of(name, self.0.shared.threads);

@@ -60,6 +60,9 @@ pub struct Conn {
     discard: Vec<u8>,
     discarded: usize,
     refused: Option<Reject>,
+    /// The request handed over was a watcher's (`Some(once)`): a name with no pipe is
+    /// answered with the `none` state, not a refusal.
+    watching: Option<bool>,
 }
 
 /// Most bytes read and thrown away while lingering before a close.
@@ -101,6 +104,7 @@ impl Conn {
             discard: Vec::new(),
             discarded: 0,
             refused: None,
+            watching: None,
         }
     }
 
@@ -233,6 +237,10 @@ impl Conn {
             return None;
         }
         let request = self.pending.take()?;
+        self.watching = match request.route {
+            Route::Watch { once, .. } => Some(once),
+            _ => None,
+        };
         self.state = State::Closed;
         self.deadline = None;
         Some(PipeRequest {
@@ -248,6 +256,13 @@ impl Conn {
 
     /// The request is refused (by the registry, or the server is full): answer it and close.
     pub fn handle_refused(&mut self, why: &Reject, now: Instant) {
+        if let (Reject::NoPipe, Some(once)) = (why, self.watching.take()) {
+            self.out.clear();
+            self.out_pos = 0;
+            crate::pipe::watch::no_pipe(&mut self.out, once, false);
+            self.write(false, now);
+            return;
+        }
         self.refuse(why, now);
     }
 
@@ -265,7 +280,7 @@ impl Conn {
         };
         let keep = req.keep_alive && !req.has_body();
         match &req.route {
-            Route::Pipe { .. } => {
+            Route::Pipe { .. } | Route::Watch { .. } => {
                 self.pending = Some(req);
                 self.state = State::Pipe;
                 self.deadline = None;
@@ -275,11 +290,15 @@ impl Conn {
                 self.state = State::Metrics;
             }
             Route::Page(page) => {
-                response::page(&mut self.out, *page, &req.base_url, "", keep, req.head_only);
+                if !crate::page::respond(&mut self.out, *page, &req, keep) {
+                    response::page(&mut self.out, *page, &req.base_url, "", keep, req.head_only);
+                }
                 self.write(keep, now);
             }
             Route::Preflight => {
-                response::preflight(&mut self.out, req.cors_headers.as_deref(), keep);
+                let headers = req.cors_headers.as_deref();
+                let pna = req.web.private_network;
+                response::preflight_private(&mut self.out, headers, keep, pna);
                 self.write(keep, now);
             }
         }

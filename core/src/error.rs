@@ -49,6 +49,12 @@ pub enum Reject {
     TooManyPipes,
     /// The server is shutting down.
     ShuttingDown,
+    /// A `GET` with `Service-Worker: script`: a pipe never serves a service worker.
+    ServiceWorker,
+    /// A watcher (`?progress`, `?status`) of a name that has no pipe now.
+    NoPipe,
+    /// A pipe already has its most watchers.
+    TooManyWatchers { max: usize },
 }
 
 impl Reject {
@@ -71,6 +77,9 @@ impl Reject {
             Reject::NotFound => 404,
             Reject::Timeout | Reject::WaitTimeout { .. } => 408,
             Reject::TooManyConnections | Reject::TooManyPipes | Reject::ShuttingDown => 503,
+            Reject::ServiceWorker => 403,
+            Reject::NoPipe => 404,
+            Reject::TooManyWatchers { .. } => 503,
         }
     }
 }
@@ -120,6 +129,13 @@ impl fmt::Display for Reject {
             Reject::TooManyConnections => f.write_str("too many connections; retry later"),
             Reject::TooManyPipes => f.write_str("too many pipes open; retry later"),
             Reject::ShuttingDown => f.write_str("the server is shutting down; retry later"),
+            Reject::ServiceWorker => f.write_str(
+                "this server does not serve service worker scripts (Service-Worker: script)",
+            ),
+            Reject::NoPipe => f.write_str("no pipe has this name now"),
+            Reject::TooManyWatchers { max } => {
+                write!(f, "this pipe already has its {max} watchers; retry later")
+            }
         }
     }
 }

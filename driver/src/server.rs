@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use fanpipe_core::conn::{Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
-use fanpipe_core::request::Route;
 use fanpipe_core::Config;
 
 use crate::conn::poll_conn;
@@ -138,7 +137,7 @@ pub async fn serve_connection<R: Runtime>(rt: &R, mut c: Connection<R::Socket>) 
                 request
             }
         };
-        if let Route::Pipe { name, .. } = &request.request.route {
+        if let Some(name) = request.request.pipe_name() {
             if !rt.owns(name) {
                 c.request = Some(request);
                 rt.hand_over(c);

@@ -13,6 +13,7 @@ mod egress;
 mod ingest;
 #[cfg(test)]
 mod tests;
+pub mod watch;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -232,6 +233,11 @@ pub struct Pipe {
     last_progress: Option<Instant>,
     /// The sender's bytes read with its head, decoded once the transfer starts.
     leftover: Vec<u8>,
+    /// A form sender's transfer started, and the receivers' heads wait for its first
+    /// part's headers (bounded by `multipart::MAX_PART_HEAD`).
+    heads_pending: bool,
+    /// Who watches this pipe's state without taking a place (`?progress`, `?status`).
+    watch: watch::Watch,
 }
 
 impl Pipe {
@@ -250,6 +256,8 @@ impl Pipe {
             events: VecDeque::new(),
             last_progress: None,
             leftover: Vec::new(),
+            heads_pending: false,
+            watch: watch::Watch::default(),
         }
     }
 
@@ -306,6 +314,7 @@ impl Pipe {
             }
         }
         self.try_start(now);
+        self.watch_sync(now);
         id
     }
 
@@ -340,7 +349,7 @@ impl Pipe {
 
     /// Whether every party is closed: the owner of this pipe may end.
     pub fn is_idle(&self) -> bool {
-        self.parties.iter().all(|p| !p.is_open())
+        self.parties.iter().all(|p| !p.is_open()) && self.watchers_idle()
     }
 
     /// Whether the transfer ran and ended.
@@ -375,6 +384,7 @@ impl Pipe {
             })
             .flatten()
             .chain(idle)
+            .chain(self.watch_timeout())
             .min()
     }
 
@@ -406,6 +416,7 @@ impl Pipe {
                 self.stalled(now);
             }
         }
+        self.watch_tick(now);
     }
 
     /// The server is shutting down: waiting parties are told and let go; a running
@@ -416,6 +427,7 @@ impl Pipe {
                 self.give_up_waiting(p, &Reject::ShuttingDown, now);
             }
         }
+        self.watch_sync(now);
     }
 
     /// The shutdown grace is over: a running transfer is cut by the failure rules.
@@ -483,6 +495,7 @@ impl Pipe {
             (Role::Receiver, _) if n == 0 => party.eof = true,
             _ => {}
         }
+        self.watch_sync(now);
     }
 
     /// `n` bytes of [`Pipe::write_slices`] were written.
@@ -502,6 +515,7 @@ impl Pipe {
             }
         }
         self.after_progress(p, now);
+        self.watch_sync(now);
     }
 
     /// This party's socket failed, or it is gone.
@@ -530,6 +544,7 @@ impl Pipe {
             (_, State::Sending) => self.fail(Outcome::SenderGone, now),
             (_, State::Closing { .. } | State::Flushing { .. } | State::Closed) => {}
         }
+        self.watch_sync(now);
     }
 
     /// Writes to a waiting party: a receiver gets a probe, a sender a heartbeat line.
@@ -644,7 +659,10 @@ impl Pipe {
             return;
         }
         let framing = self.parties[s].request.framing;
+        let form = self.parties[s].request.web.form.clone();
         let length = match framing {
+            // A form's first part is shorter than the body, by an amount known at its end.
+            _ if form.is_some() => None,
             Framing::Length(l) => Some(l),
             Framing::Chunked => None,
         };
@@ -669,18 +687,28 @@ impl Pipe {
                 };
                 ring.remove(slot);
             } else {
-                response::receiver_head(&mut party.out, &pass_on, length);
+                if form.is_none() {
+                    let choice = &party.request.web.disposition;
+                    response::receiver_head_as(
+                        &mut party.out,
+                        &pass_on,
+                        length,
+                        choice,
+                        &self.name,
+                    );
+                }
                 let chunk = length.is_none().then(Chunk::default);
                 party.state = State::Receiving(Feed { slot, chunk });
             }
         }
         self.receivers = ids;
         let leftover = std::mem::take(&mut self.leftover);
-        self.body = Some(ingest::Ingest::new(
-            ring,
-            BodyDecoder::new(framing),
-            leftover,
-        ));
+        let ingest = ingest::Ingest::new(ring, BodyDecoder::new(framing), leftover);
+        self.heads_pending = form.is_some();
+        self.body = Some(match &form {
+            Some(boundary) => ingest.with_form(boundary),
+            None => ingest,
+        });
         self.parties[s].state = State::Sending;
         self.stage = Stage::Running { started: now };
         self.last_progress = Some(now);
@@ -691,6 +719,26 @@ impl Pipe {
         ));
         self.pump(now);
         self.check_end(now);
+    }
+
+    /// A form sender's first part's headers are known: the receivers' heads go out, with
+    /// the part's type and file name.
+    fn form_heads(&mut self) {
+        if !self.heads_pending {
+            return;
+        }
+        let Some(pass_on) = self.form_pass_on() else {
+            return;
+        };
+        self.heads_pending = false;
+        for &p in &self.receivers {
+            let party = &mut self.parties[p];
+            if let State::Receiving(_) = party.state {
+                let choice = &party.request.web.disposition;
+                // After a probe still queued; no framing is queued yet (no data came).
+                response::receiver_head_as(&mut party.out, &pass_on, None, choice, &self.name);
+            }
+        }
     }
 
     /// After a write: is this receiver done, is the transfer over?
@@ -803,6 +851,9 @@ impl Pipe {
                 continue;
             };
             party.state = match feed.chunk {
+                // No head was written (a form whose headers never came): the close
+                // with nothing is the error.
+                _ if self.heads_pending => State::Closed,
                 // Between chunks, a line that is no chunk size makes the cut plain to
                 // every client; within a chunk or a length, the close short of it does.
                 Some(c) if c.data_left == 0 && c.crlf_left == 0 && !c.last_queued => {
@@ -854,13 +905,15 @@ impl Pipe {
                 }
             }
         }
-        self.events.push_back(Event::Finished(Summary {
+        let summary = Summary {
             name: self.name.clone(),
             n: self.n,
             bytes,
             complete,
             seconds,
             outcome,
-        }));
+        };
+        self.watch_done(&summary, now);
+        self.events.push_back(Event::Finished(summary));
     }
 }

@@ -640,3 +640,179 @@ fn the_server_default_report_applies_when_the_sender_does_not_say() {
     let s = pipe.join(req, role, Instant::now());
     assert!(pipe.write_slices(s).total() > 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Forms (`?form`) and watchers (`?progress`, `?status`)
+
+fn form_body(boundary: &str, file: &[u8]) -> Vec<u8> {
+    let mut b = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"r\u{e9}sum\u{e9}.pdf\"\r\nContent-Type: application/pdf\r\n\r\n"
+    )
+    .into_bytes();
+    b.extend_from_slice(file);
+    b.extend_from_slice(
+        format!("\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nnot this\r\n--{boundary}--\r\n").as_bytes(),
+    );
+    b
+}
+
+fn form_sender(sim: &mut Sim, n: usize, body: &[u8], chunked: bool) -> PartyId {
+    let ct = "Content-Type: multipart/form-data; boundary=b0UND";
+    let mut raw = if chunked {
+        format!(
+            "POST /x?n={n}&form HTTP/1.1\r\nHost: h\r\n{ct}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .into_bytes()
+    } else {
+        format!(
+            "POST /x?n={n}&form HTTP/1.1\r\nHost: h\r\n{ct}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes()
+    };
+    if chunked {
+        raw.extend_from_slice(&crate::chunked::encode(body, &[1000, 3]));
+    } else {
+        raw.extend_from_slice(body);
+    }
+    sim.join(raw)
+}
+
+#[test]
+fn a_form_senders_receivers_get_only_the_file_part_with_its_type_and_name() {
+    let mut file = body(30_000);
+    file.extend_from_slice(b"\r\n--b0UN\r\n--b0UNDX"[..14].as_ref());
+    for chunked in [false, true] {
+        for piece in [1, 7, 100, 5000, 1 << 20] {
+            let mut sim = Sim::new(2, 4096, piece);
+            let r1 = sim.receiver(2);
+            let s = form_sender(&mut sim, 2, &form_body("b0UND", &file), chunked);
+            let r2 = sim.receiver(2);
+            sim.run(&[]);
+            for r in [r1, r2] {
+                let text = sim.text(r);
+                assert!(
+                    text.contains("Content-Type: application/pdf\r\n"),
+                    "{piece}"
+                );
+                assert!(text.contains(
+                    "Content-Disposition: attachment; filename=\"r_sum_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf\r\n"
+                ));
+                assert_eq!(sim.body_of(r), file, "chunked={chunked} piece={piece}");
+            }
+            assert_eq!(sim.summary().outcome, Outcome::Complete);
+            assert_eq!(sim.summary().bytes, file.len() as u64);
+            assert!(sim.text(s).contains("[INFO] done"));
+        }
+    }
+}
+
+#[test]
+fn a_truncated_form_cuts_every_receiver() {
+    let full = form_body("b0UND", &body(10_000));
+    let mut sim = Sim::new(1, 4096, 999);
+    let r = sim.receiver(1);
+    let raw = format!(
+        "POST /x?form HTTP/1.1\r\nHost: h\r\nContent-Type: multipart/form-data; boundary=b0UND\r\nContent-Length: {}\r\n\r\n",
+        full.len() - 30
+    );
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(&full[..full.len() - 30]);
+    sim.join(raw);
+    sim.run(&[]);
+    assert!(matches!(
+        sim.summary().outcome,
+        Outcome::Malformed(crate::chunked::BodyError::Form(_))
+    ));
+    assert!(sim.clients[r].closed);
+    assert!(!sim.text(r).ends_with("0\r\n\r\n"));
+}
+
+/// Everything a watcher has to write now, written.
+fn drain_watcher(sim: &mut Sim, w: usize) -> String {
+    let mut got = Vec::new();
+    loop {
+        let out = sim.pipe.watcher_output(w).to_vec();
+        if out.is_empty() {
+            break;
+        }
+        got.extend_from_slice(&out);
+        sim.pipe.handle_watcher_wrote(w, out.len());
+    }
+    String::from_utf8(got).unwrap()
+}
+
+fn watcher(sim: &mut Sim, query: &str) -> usize {
+    let now = sim.now;
+    let raw = format!("GET /x?{query} HTTP/1.1\r\nHost: h\r\n\r\n");
+    let mut c = Conn::with_bytes(&Config::default(), raw.as_bytes(), now);
+    assert_eq!(c.poll_action(), Action::Pipe);
+    sim.pipe.watch(c.take_pipe_request().unwrap(), now)
+}
+
+#[test]
+fn a_watcher_sees_waiting_then_sending_then_done_and_takes_no_place() {
+    let data = body(200_000);
+    let mut sim = Sim::new(2, 4096, 1000);
+    let s = sim.sender(2, &data, false);
+    let w = watcher(&mut sim, "progress");
+    let first = drain_watcher(&mut sim, w);
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream"));
+    assert!(first.contains(
+        "event: state\ndata: {\"state\":\"waiting\",\"n\":2,\"receivers\":0,\"sender\":true}\n\n"
+    ));
+    sim.receiver(2);
+    assert!(drain_watcher(&mut sim, w).contains("\"receivers\":1,"));
+    let r = sim.receiver(2);
+    assert!(drain_watcher(&mut sim, w).contains("\"state\":\"sending\""));
+    // Time passes mid-transfer: a progress event.
+    sim.clients[s].input.truncate(100_000);
+    sim.run(&[]);
+    sim.now += PROGRESS_INTERVAL_FOR_TESTS;
+    sim.pipe.handle_timeout(sim.now);
+    let mid = drain_watcher(&mut sim, w);
+    assert!(mid.contains("event: progress\ndata: {\"bytes\":"), "{mid}");
+    assert!(mid.contains("\"total\":200000"), "{mid}");
+    sim.clients[s].input = data.clone();
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), data);
+    let end = drain_watcher(&mut sim, w);
+    assert!(
+        end.contains(
+            "event: done\ndata: {\"outcome\":\"complete\",\"bytes\":200000,\"complete\":2,\"n\":2,"
+        ),
+        "{end}"
+    );
+    assert!(sim.pipe.take_watcher_shutdown(w));
+    assert!(sim.pipe.watcher_is_closed(w));
+    assert_eq!(sim.summary().complete, 2);
+}
+
+const PROGRESS_INTERVAL_FOR_TESTS: Duration = watch::PROGRESS_INTERVAL;
+
+#[test]
+fn watchers_are_bounded_and_a_slow_one_holds_nothing_back() {
+    let data = body(300_000);
+    let mut sim = Sim::new(1, 4096, 700);
+    let r = sim.receiver(1);
+    let slow = watcher(&mut sim, "progress");
+    for _ in 1..watch::MAX_WATCHERS {
+        watcher(&mut sim, "progress");
+    }
+    let extra = watcher(&mut sim, "progress");
+    assert!(drain_watcher(&mut sim, extra).starts_with("HTTP/1.1 503 "));
+    let status = watcher(&mut sim, "status");
+    let snapshot = drain_watcher(&mut sim, status);
+    assert!(snapshot.contains("Content-Type: application/json"));
+    assert!(snapshot.ends_with("{\"state\":{\"state\":\"waiting\",\"n\":1,\"receivers\":1,\"sender\":false},\"progress\":null}\n"), "{snapshot}");
+    sim.sender(1, &data, true);
+    // The slow watcher writes nothing while time passes and the transfer runs.
+    for _ in 0..50 {
+        sim.run(&[]);
+        sim.now += PROGRESS_INTERVAL_FOR_TESTS;
+        sim.pipe.handle_timeout(sim.now);
+    }
+    assert_eq!(sim.body_of(r), data);
+    assert_eq!(sim.summary().outcome, Outcome::Complete);
+    assert!(sim.pipe.watcher_output(slow).len() < 2048);
+}
