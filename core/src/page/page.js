@@ -141,6 +141,15 @@
 
   // --- the pipe's live state
   let source = null;
+  // Ends a watch that did not see the end, with the sender's report instead.
+  function finish(s, report, ok) {
+    s.close();
+    source = null;
+    const box = $('watch');
+    const list = box.dataset.seen ? box.dataset.seen.split(',') : [];
+    if (list[list.length - 1] !== 'done') box.dataset.seen = list.concat('done').join(',');
+    $('watch-state').textContent = (ok ? 'Done: ' : 'Failed: ') + report.replace(/^\[\w+\] (done: )?/, '');
+  }
   function watch(name) {
     if (source) source.close();
     const box = $('watch');
@@ -154,6 +163,7 @@
     };
     const say = (t) => { $('watch-state').textContent = t; };
     source = new EventSource(pathOf(name) + '?progress');
+    source.name = name;
     source.addEventListener('state', (ev) => {
       const s = JSON.parse(ev.data);
       seen(s.state);
@@ -203,19 +213,31 @@
     xhr.open('PUT', pathOf(name) + '?n=' + n + '&report=end');
     xhr.setRequestHeader('Content-Type', p.type);
     if (p.filename) xhr.setRequestHeader('Content-Disposition', disposition(p.filename));
+    // The pipe is watched once the upload has begun (its head is at the server by then),
+    // so that the watcher finds the pipe this upload opens.
+    let watching = false;
+    const startWatch = () => { if (!watching) { watching = true; watch(name); } };
+    const fallback = setTimeout(startWatch, 400);
     xhr.upload.addEventListener('progress', (ev) => {
+      startWatch();
       if (ev.lengthComputable) { bar.max = ev.total || 1; bar.value = ev.loaded; }
     });
+    xhr.upload.addEventListener('load', startWatch);
     xhr.addEventListener('load', () => {
       const lines = xhr.responseText.trim().split('\n');
       const last = lines[lines.length - 1] || '';
       status((xhr.status === 200 ? 'Sent. ' : 'Not sent whole (' + xhr.status + '). ') + last,
         xhr.status !== 200);
+      // The sender's report is the last word if the watch missed the end (a transfer
+      // over before the watcher came).
+      setTimeout(() => {
+        if (source && source.name === name) finish(source, last, xhr.status === 200);
+      }, 1500);
     });
+    xhr.addEventListener('loadend', () => clearTimeout(fallback));
     xhr.addEventListener('error', () => status('The upload failed: the connection was cut.', true));
     xhr.addEventListener('loadend', () => { go.disabled = false; });
     xhr.send(p.body);
-    watch(name);
   });
 
   $('recv-link').addEventListener('click', (e) => {
