@@ -804,7 +804,7 @@ fn watchers_are_bounded_and_a_slow_one_holds_nothing_back() {
     let status = watcher(&mut sim, "status");
     let snapshot = drain_watcher(&mut sim, status);
     assert!(snapshot.contains("Content-Type: application/json"));
-    assert!(snapshot.ends_with("{\"state\":{\"state\":\"waiting\",\"n\":1,\"receivers\":1,\"sender\":false},\"progress\":null}\n"), "{snapshot}");
+    assert!(snapshot.ends_with("{\"state\":{\"state\":\"waiting\",\"n\":1,\"receivers\":1,\"sender\":false},\"progress\":null,\"watchers\":16}\n"), "{snapshot}");
     sim.sender(1, &data, true);
     // The slow watcher writes nothing while time passes and the transfer runs.
     for _ in 0..50 {

@@ -60,6 +60,8 @@ struct Watcher {
     pos: usize,
     state_due: bool,
     progress_due: bool,
+    /// It was told the transfer is sending.
+    saw_sending: bool,
 }
 
 /// A pipe's watchers and the latest of what they are told.
@@ -74,6 +76,9 @@ pub(super) struct Watch {
     next_tick: Option<Instant>,
     /// The pipe ended (a `done` event) or is gone (a last `state`): sent to everyone.
     last_words: Option<String>,
+    /// The transfer ran: the `sending` state, for a watcher not told it yet (the
+    /// transfer ended in the step it started, or the watcher was slow).
+    sending: Option<String>,
     scratch: Vec<u8>,
 }
 
@@ -124,6 +129,7 @@ impl Pipe {
             pos: 0,
             state_due: true,
             progress_due: false,
+            saw_sending: false,
         };
         let open = self
             .watch
@@ -145,7 +151,7 @@ impl Pipe {
                 _ => "null".to_owned(),
             };
             let body = format!(
-                "{{\"state\":{},\"progress\":{progress}}}\n",
+                "{{\"state\":{},\"progress\":{progress},\"watchers\":{open}}}\n",
                 self.state_data()
             );
             json(&mut w.out, &body, false);
@@ -185,6 +191,7 @@ impl Pipe {
             if x.life == Life::Open {
                 if std::mem::take(&mut x.state_due) && !state.is_empty() {
                     event(&mut x.out, "state", state);
+                    x.saw_sending |= state.contains("\"sending\"");
                 }
                 if std::mem::take(&mut x.progress_due) && !progress.is_empty() {
                     event(&mut x.out, "progress", progress);
@@ -293,13 +300,13 @@ impl Pipe {
             s.seconds
         );
         let mut words = Vec::new();
-        // The transfer ran: a watcher that missed its start (it ended in the same step,
-        // or the watcher was slow) is told it first; a repeat is harmless.
         let sending = format!(
             "{{\"state\":\"sending\",\"n\":{},\"receivers\":{},\"sender\":true}}",
             s.n, s.n
         );
-        event(&mut words, "state", &sending);
+        let mut told = Vec::new();
+        event(&mut told, "state", &sending);
+        self.watch.sending = Some(String::from_utf8_lossy(&told).into_owned());
         if let Stage::Running { .. } | Stage::Ended = self.stage {
             let bytes = self.body.as_ref().map_or(0, |b| b.bytes);
             let progress = format!(
@@ -339,6 +346,9 @@ impl Pipe {
                     if x.pos == x.out.len() {
                         x.out.clear();
                         x.pos = 0;
+                    }
+                    if let (Some(sending), false) = (&self.watch.sending, x.saw_sending) {
+                        x.out.extend_from_slice(sending.as_bytes());
                     }
                     x.out.extend_from_slice(words.as_bytes());
                     x.life = Life::Flushing { until };
