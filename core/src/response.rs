@@ -179,6 +179,12 @@ pub(crate) fn usage(base: &str) -> String {
         "(nginx), add report=end: the sender's answer then comes when the transfer",
         "is over, 200 only if every receiver got every byte.",
         "",
+        "Watch a pipe without taking a place (server-sent events; ?status: one JSON):",
+        &format!("  curl -N '{base}/NAME?progress'"),
+        "Save under a name: add download or filename=NAME to a receiver's URL.",
+        &format!("In a browser, {base}/ is a page that sends and receives files"),
+        &format!("({base}/noscript without JavaScript)."),
+        "",
     ]
     .join("\n")
 }
