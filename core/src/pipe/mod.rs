@@ -462,6 +462,7 @@ impl Pipe {
 
     /// `n` bytes were read into [`Pipe::read_buf`]; 0 is the end of the client's stream.
     pub fn handle_read(&mut self, p: PartyId, n: usize, now: Instant) {
+        let before = self.state_kind(p);
         let Some(party) = self.parties.get_mut(p) else {
             return;
         };
@@ -495,11 +496,21 @@ impl Pipe {
             (Role::Receiver, _) if n == 0 => party.eof = true,
             _ => {}
         }
-        self.watch_sync(now);
+        if self.state_kind(p) != before {
+            self.watch_sync(now);
+        }
+    }
+
+    /// The kind of a party's state (not its progress), to tell watchers only of changes.
+    fn state_kind(&self, p: PartyId) -> Option<std::mem::Discriminant<State>> {
+        self.parties
+            .get(p)
+            .map(|x| std::mem::discriminant(&x.state))
     }
 
     /// `n` bytes of [`Pipe::write_slices`] were written.
     pub fn handle_wrote(&mut self, p: PartyId, n: usize, now: Instant) {
+        let before = self.state_kind(p);
         if n > 0 && self.stage != Stage::Waiting {
             self.last_progress = Some(now);
         }
@@ -515,7 +526,9 @@ impl Pipe {
             }
         }
         self.after_progress(p, now);
-        self.watch_sync(now);
+        if self.state_kind(p) != before {
+            self.watch_sync(now);
+        }
     }
 
     /// This party's socket failed, or it is gone.

@@ -816,3 +816,22 @@ fn watchers_are_bounded_and_a_slow_one_holds_nothing_back() {
     assert_eq!(sim.summary().outcome, Outcome::Complete);
     assert!(sim.pipe.watcher_output(slow).len() < 2048);
 }
+
+#[test]
+fn a_pipe_whose_sender_gave_up_waiting_ends_its_watchers_streams() {
+    let mut sim = Sim::new(2, 4096, 1000);
+    sim.sender(2, b"abc", false);
+    let w = watcher(&mut sim, "progress");
+    drain_watcher(&mut sim, w);
+    // Nobody comes: the sender is told and closed; the watcher learns the pipe is gone.
+    sim.now += Config::default().wait_timeout;
+    sim.pipe.handle_timeout(sim.now);
+    sim.run(&[]);
+    let last = drain_watcher(&mut sim, w);
+    assert!(
+        last.ends_with("event: state\ndata: {\"state\":\"none\"}\n\n"),
+        "{last}"
+    );
+    assert!(sim.pipe.take_watcher_shutdown(w));
+    assert!(sim.pipe.is_idle());
+}

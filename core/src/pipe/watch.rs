@@ -79,6 +79,8 @@ pub(super) struct Watch {
     /// The transfer ran: the `sending` state, for a watcher not told it yet (the
     /// transfer ended in the step it started, or the watcher was slow).
     sending: Option<String>,
+    /// The last instant the pipe was told, for the watchers' deadlines.
+    now: Option<Instant>,
     scratch: Vec<u8>,
 }
 
@@ -173,6 +175,13 @@ impl Pipe {
     /// The bytes to write to this watcher now (the latest state and progress once it
     /// has written what it had).
     pub fn watcher_output(&mut self, w: WatcherId) -> &[u8] {
+        // The last party may have closed with no instant given (its shutdown): a pipe
+        // left empty before any transfer ends its watchers' streams now.
+        if let Some(now) = self.watch.now {
+            if self.watch.last_words.is_none() && !self.parties.iter().any(|p| p.is_open()) {
+                self.watch_sync(now);
+            }
+        }
         let Watch {
             watchers,
             state,
@@ -333,6 +342,7 @@ impl Pipe {
         if self.watch.watchers.is_empty() {
             return;
         }
+        self.watch.now = Some(now);
         let gone = self.stage == Stage::Waiting && self.parties.iter().all(|p| !p.is_open());
         if gone && self.watch.last_words.is_none() {
             let mut words = Vec::new();
