@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use fanpipe_core::config::LISTEN_BACKLOG;
 use fanpipe_core::pipe::PeerState;
 use fanpipe_core::registry::{shard_of, PipeId};
-use fanpipe_core::request::Route;
 use fanpipe_core::Config;
 use fanpipe_driver::tls::{MaybeTls, TlsSession, TlsSocket};
 use fanpipe_driver::{Connection, Listen, Msg, PipeTask, Runtime, ServerState, Socket};
@@ -241,7 +240,7 @@ impl Runtime for Glommio {
     }
 
     fn hand_over(&self, conn: Connection<Sock>) {
-        let Some(Route::Pipe { name, .. }) = conn.request.as_ref().map(|r| &r.request.route) else {
+        let Some(name) = conn.request.as_ref().and_then(|r| r.request.pipe_name()) else {
             return;
         };
         let owner = shard_of(name, self.0.shared.threads);

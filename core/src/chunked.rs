@@ -13,15 +13,21 @@ pub enum BodyError {
     ChunkLineEnd,
     ChunkDataEnd,
     TrailerTooLarge,
+    /// A form sender's (`?form`) multipart body is malformed.
+    Form(crate::multipart::FormError),
 }
 
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let BodyError::Form(e) = self {
+            return write!(f, "malformed form: {e}");
+        }
         f.write_str(match self {
             BodyError::ChunkSize => "malformed chunk size",
             BodyError::ChunkLineEnd => "chunk size line not ended by CRLF",
             BodyError::ChunkDataEnd => "chunk data not followed by CRLF",
             BodyError::TrailerTooLarge => "chunked trailer too large",
+            BodyError::Form(_) => "malformed form",
         })
     }
 }

@@ -81,6 +81,9 @@ pub struct Conn {
     /// Who sent the pending pipe request, and its signature parameters.
     client: Option<ClientAddr>,
     credentials: Credentials,
+    /// The request handed over was a watcher's (`Some(once)`): a name with no pipe is
+    /// answered with the `none` state, not a refusal.
+    watching: Option<bool>,
 }
 
 /// Bytes a read of a PROXY header may take at a time.
@@ -137,6 +140,7 @@ impl Conn {
             new_client: None,
             client: None,
             credentials: Credentials::default(),
+            watching: None,
         }
     }
 
@@ -358,6 +362,10 @@ impl Conn {
             return None;
         }
         let request = self.pending.take()?;
+        self.watching = match request.route {
+            Route::Watch { once, .. } => Some(once),
+            _ => None,
+        };
         self.state = State::Closed;
         self.deadline = None;
         Some(PipeRequest {
@@ -375,6 +383,13 @@ impl Conn {
 
     /// The request is refused (by the registry, or the server is full): answer it and close.
     pub fn handle_refused(&mut self, why: &Reject, now: Instant) {
+        if let (Reject::NoPipe, Some(once)) = (why, self.watching.take()) {
+            self.out.clear();
+            self.out_pos = 0;
+            crate::pipe::watch::no_pipe(&mut self.out, once, false);
+            self.write(false, now);
+            return;
+        }
         self.refuse(why, now);
     }
 
@@ -401,7 +416,7 @@ impl Conn {
         }
         let keep = req.keep_alive && !req.has_body();
         match &req.route {
-            Route::Pipe { .. } => {
+            Route::Pipe { .. } | Route::Watch { .. } => {
                 self.client = self.client_of(&head);
                 self.credentials = Credentials::from_target(&head.target);
                 self.pending = Some(req);
@@ -413,11 +428,15 @@ impl Conn {
                 self.state = State::HubPage;
             }
             Route::Page(page) => {
-                response::page(&mut self.out, *page, &req.base_url, "", keep, req.head_only);
+                if !crate::page::respond(&mut self.out, *page, &req, keep) {
+                    response::page(&mut self.out, *page, &req.base_url, "", keep, req.head_only);
+                }
                 self.write(keep, now);
             }
             Route::Preflight => {
-                response::preflight(&mut self.out, req.cors_headers.as_deref(), keep);
+                let headers = req.cors_headers.as_deref();
+                let pna = req.web.private_network;
+                response::preflight_private(&mut self.out, headers, keep, pna);
                 self.write(keep, now);
             }
         }

@@ -68,6 +68,12 @@ pub enum Reject {
     ClientPipes { max: usize },
     /// A listener that expects a PROXY protocol header did not get a valid one.
     ProxyHeader(&'static str),
+    /// A `GET` with `Service-Worker: script`: a pipe never serves a service worker.
+    ServiceWorker,
+    /// A watcher (`?progress`, `?status`) of a name that has no pipe now.
+    NoPipe,
+    /// A pipe already has its most watchers.
+    TooManyWatchers { max: usize },
 }
 
 impl Reject {
@@ -97,6 +103,9 @@ impl Reject {
             Reject::NotFound => 404,
             Reject::Timeout | Reject::WaitTimeout { .. } => 408,
             Reject::TooManyConnections | Reject::TooManyPipes | Reject::ShuttingDown => 503,
+            Reject::ServiceWorker => 403,
+            Reject::NoPipe => 404,
+            Reject::TooManyWatchers { .. } => 503,
         }
     }
 }
@@ -198,6 +207,13 @@ impl fmt::Display for Reject {
                 f,
                 "this listener expects a PROXY protocol header first ({why}); connect through the proxy"
             ),
+            Reject::ServiceWorker => f.write_str(
+                "this server does not serve service worker scripts (Service-Worker: script)",
+            ),
+            Reject::NoPipe => f.write_str("no pipe has this name now"),
+            Reject::TooManyWatchers { max } => {
+                write!(f, "this pipe already has its {max} watchers; retry later")
+            }
         }
     }
 }

@@ -108,6 +108,11 @@ impl<H> Hub<H> {
         unix_now: u64,
         make: impl FnOnce(PipeParams) -> H,
     ) -> Result<Admitted<'_, H>, Reject> {
+        if let Route::Watch { name, .. } = &request.request.route {
+            // A watcher takes no place: it goes to the pipe that has the name now.
+            let handle = self.registry.handle(name).ok_or(Reject::NoPipe)?;
+            return Ok(handle);
+        }
         let Route::Pipe { name, role, n } = &request.request.route else {
             return Err(Reject::NotFound);
         };

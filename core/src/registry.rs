@@ -225,6 +225,16 @@ impl<H> Registry<H> {
         }
     }
 
+    /// The pipe that has `name` now, waiting or running, for a watcher (who takes no
+    /// place in it).
+    pub fn handle(&self, name: &str) -> Option<Admitted<'_, H>> {
+        self.pipes.get(name).map(|e| Admitted {
+            id: e.id,
+            handle: &e.handle,
+            new: false,
+        })
+    }
+
     /// The owners of every pipe, to tell them all something.
     pub fn handles(&self) -> impl Iterator<Item = &H> {
         self.pipes.values().map(|e| &e.handle)

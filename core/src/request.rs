@@ -15,6 +15,9 @@ pub const RESERVED: &[&str] = &[
     "/metrics",
     "/favicon.ico",
     "/robots.txt",
+    "/page.js",
+    "/page.css",
+    "/noscript",
 ];
 
 /// How the request's body is delimited.
@@ -42,6 +45,9 @@ pub enum Route {
     Page(Page),
     /// A CORS preflight.
     Preflight,
+    /// `GET /NAME?progress` (server-sent events) or `?status` (`once`: one JSON
+    /// snapshot): the live state of the pipe named `name`, without taking a place in it.
+    Watch { name: String, once: bool },
 }
 
 /// The reserved pages.
@@ -53,6 +59,11 @@ pub enum Page {
     Metrics,
     Favicon,
     Robots,
+    /// The page's script and style sheet (`/page.js`, `/page.css`).
+    Script,
+    Style,
+    /// The page for browsers without JavaScript: a form per upload.
+    Noscript,
 }
 
 /// The sender's headers that its receivers get.
@@ -92,9 +103,48 @@ pub struct Request {
     pub base_url: String,
     /// A sender's `report=live|end`; `None`: the server's default.
     pub report: Option<Report>,
+    /// What browsers add: content negotiation, a form upload, a receiver's file name.
+    pub web: Web,
+}
+
+/// What a request from a browser adds to a pipe's or a page's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Web {
+    /// `Accept` names `text/html` (a browser): `/` answers the page, not the text help.
+    pub html: bool,
+    /// `?form` on a sender: its body is `multipart/form-data` with this boundary, and the
+    /// receivers get its first part (see `multipart.rs`).
+    pub form: Option<String>,
+    /// A receiver's choice of `Content-Disposition` (`?download`, `?filename=`).
+    pub disposition: Disposition,
+    /// A preflight with `Access-Control-Request-Private-Network: true`.
+    pub private_network: bool,
+    /// The raw query string, for the pages that read it (`/noscript`).
+    pub query: String,
+}
+
+/// How a receiver's response names its body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Disposition {
+    /// As the sender said (its `Content-Disposition`, if any).
+    #[default]
+    Sender,
+    /// `?download` or `?filename=NAME`: an attachment, named `NAME` if given, else as the
+    /// sender named it, else after the pipe.
+    Attachment(Option<String>),
+    /// `?download=0`: no `Content-Disposition` at all.
+    Inline,
 }
 
 impl Request {
+    /// The pipe name this request is about: a party's or a watcher's.
+    pub fn pipe_name(&self) -> Option<&str> {
+        match &self.route {
+            Route::Pipe { name, .. } | Route::Watch { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
     /// Whether a body follows this head.
     pub fn has_body(&self) -> bool {
         self.framing != Framing::Length(0)
@@ -128,6 +178,13 @@ pub fn interpret(head: &Head, max_receivers: usize) -> Result<Request, Reject> {
         // Receivers would take a piece of a file for the whole of it.
         return Err(Reject::Malformed("a sender may not send Content-Range"));
     }
+    if head.method == Method::Get
+        && head
+            .value("service-worker")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("script"))
+    {
+        return Err(Reject::ServiceWorker);
+    }
     let report = match param(query, "report") {
         None => None,
         Some("live") => Some(Report::Live),
@@ -151,6 +208,7 @@ pub fn interpret(head: &Head, max_receivers: usize) -> Result<Request, Reject> {
         Some(p) if p.trim().eq_ignore_ascii_case("https") => "https",
         _ => "http",
     };
+    let web = web(head, &route, query)?;
     Ok(Request {
         route,
         head_only: head.method == Method::Head,
@@ -162,7 +220,87 @@ pub fn interpret(head: &Head, max_receivers: usize) -> Result<Request, Reject> {
         cors_headers: text("access-control-request-headers"),
         base_url: format!("{scheme}://{host}"),
         report,
+        web,
     })
+}
+
+/// What a browser's request adds (see [`Web`]).
+fn web(head: &Head, route: &Route, query: &str) -> Result<Web, Reject> {
+    let sender = matches!(
+        route,
+        Route::Pipe {
+            role: Role::Sender,
+            ..
+        }
+    );
+    let form = match param(query, "form") {
+        Some(_) if sender => {
+            let ct = head.value("content-type").unwrap_or("");
+            Some(crate::multipart::boundary(ct).ok_or(Reject::Malformed(
+                "?form needs a multipart/form-data body with a boundary",
+            ))?)
+        }
+        _ => None,
+    };
+    let filename = param(query, "filename")
+        .map(percent_decode_query)
+        .filter(|v| !v.is_empty());
+    let disposition = match (param(query, "download"), filename) {
+        (Some("0"), _) => Disposition::Inline,
+        (Some(_), name) | (None, name @ Some(_)) => Disposition::Attachment(name),
+        (None, None) => Disposition::Sender,
+    };
+    Ok(Web {
+        html: accepts_html(head.value("accept").unwrap_or("")),
+        form,
+        disposition,
+        private_network: head
+            .value("access-control-request-private-network")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+        query: query.to_owned(),
+    })
+}
+
+/// Whether an `Accept` value takes `text/html` (or XHTML) with a quality above zero: a
+/// browser navigating. `*/*` alone does not count (curl sends it).
+pub fn accepts_html(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';');
+        let essence = parts.next().unwrap_or("").trim();
+        let html = essence.eq_ignore_ascii_case("text/html")
+            || essence.eq_ignore_ascii_case("application/xhtml+xml");
+        let zero = parts.any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("q")
+                    && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+            })
+        });
+        html && !zero
+    })
+}
+
+/// A query value: `+` is a space and `%XX` a byte (UTF-8, invalid bytes replaced).
+pub fn percent_decode_query(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |c: Option<&u8>| c.and_then(|&c| (c as char).to_digit(16));
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                if let (Some(h), Some(l)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                } else {
+                    out.push(b'%');
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn framing(head: &Head) -> Result<Framing, Reject> {
@@ -268,6 +406,13 @@ fn route(method: &Method, path: &str, query: &str, max: usize) -> Result<Route, 
         return Err(Reject::NoName);
     }
     let name = percent_decode(name)?;
+    if role == Role::Receiver {
+        for (key, once) in [("progress", false), ("status", true)] {
+            if param(query, key).is_some() {
+                return Ok(Route::Watch { name, once });
+            }
+        }
+    }
     let n = parse_n(query, max)?;
     Ok(Route::Pipe { name, role, n })
 }
@@ -279,6 +424,9 @@ fn page(path: &str) -> Page {
         "/metrics" => Page::Metrics,
         "/favicon.ico" => Page::Favicon,
         "/robots.txt" => Page::Robots,
+        "/page.js" => Page::Script,
+        "/page.css" => Page::Style,
+        "/noscript" => Page::Noscript,
         _ => Page::Usage,
     }
 }
@@ -519,5 +667,58 @@ mod tests {
         assert_eq!(bad, Reject::InvalidReport);
         assert_eq!(bad.status(), 400);
         assert!(bad.to_string().contains("live"));
+    }
+
+    #[test]
+    fn browsers_get_watchers_downloads_and_forms() {
+        assert_eq!(
+            get("/a/b?progress").unwrap().route,
+            Route::Watch {
+                name: "a/b".into(),
+                once: false
+            }
+        );
+        assert_eq!(
+            get("/api/v1/pipe/x?n=3&status").unwrap().route,
+            Route::Watch {
+                name: "x".into(),
+                once: true
+            }
+        );
+        let d = |q: &str| get(&format!("/x?{q}")).unwrap().web.disposition;
+        assert_eq!(d(""), Disposition::Sender);
+        assert_eq!(d("download"), Disposition::Attachment(None));
+        assert_eq!(d("download=0"), Disposition::Inline);
+        assert_eq!(
+            d("filename=a+b%C3%A9.txt"),
+            Disposition::Attachment(Some("a b\u{e9}.txt".into()))
+        );
+        let sw = req("GET /x HTTP/1.1\r\nHost: h\r\nService-Worker: script\r\n\r\n");
+        assert_eq!(sw.unwrap_err().status(), 403);
+        let form = |ct: &str| {
+            req(&format!("POST /x?form HTTP/1.1\r\nHost: h\r\nContent-Type: {ct}\r\nContent-Length: 1\r\n\r\n"))
+        };
+        assert_eq!(
+            form("multipart/form-data; boundary=zz")
+                .unwrap()
+                .web
+                .form
+                .as_deref(),
+            Some("zz")
+        );
+        assert_eq!(form("text/plain").unwrap_err().status(), 400);
+        // Without ?form, multipart bytes are piped as they are.
+        let plain = req("POST /x HTTP/1.1\r\nHost: h\r\nContent-Type: multipart/form-data; boundary=zz\r\nContent-Length: 1\r\n\r\n");
+        assert_eq!(plain.unwrap().web.form, None);
+    }
+
+    #[test]
+    fn html_is_for_browsers_only() {
+        assert!(accepts_html(
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        ));
+        assert!(!accepts_html("*/*"));
+        assert!(!accepts_html("text/html;q=0, */*"));
+        assert!(!accepts_html(""));
     }
 }

@@ -3,7 +3,8 @@
 use std::io::Write;
 
 use crate::error::Reject;
-use crate::request::{Page, PassOn};
+use crate::filename;
+use crate::request::{Disposition, Page, PassOn};
 
 /// Headers on every response: nothing here may be cached, sniffed or indexed.
 const COMMON: &str = "Access-Control-Allow-Origin: *\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Robots-Tag: none\r\n";
@@ -90,10 +91,25 @@ pub fn reject(out: &mut Vec<u8>, why: &Reject, keep_alive: bool) {
 
 /// The answer to a CORS preflight.
 pub fn preflight(out: &mut Vec<u8>, requested: Option<&str>, keep_alive: bool) {
+    preflight_private(out, requested, keep_alive, false);
+}
+
+/// The answer to a CORS preflight; `private_network`: it asked
+/// `Access-Control-Request-Private-Network: true` (Private Network Access: a public
+/// page may reach a fanpipe on a private address), and is allowed.
+pub fn preflight_private(
+    out: &mut Vec<u8>,
+    requested: Option<&str>,
+    keep_alive: bool,
+    private_network: bool,
+) {
     let _ = write!(
         out,
         "HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: *\r\nAccess-Control-Allow-Methods: {METHODS}\r\n"
     );
+    if private_network {
+        out.extend_from_slice(b"Access-Control-Allow-Private-Network: true\r\n");
+    }
     if let Some(h) = requested.filter(|h| !h.is_empty()) {
         let _ = write!(out, "Access-Control-Allow-Headers: {h}\r\n");
     }
@@ -133,6 +149,10 @@ pub fn page(
             head_only,
             "",
         ),
+        // Served by `page.rs`; a text answer if asked here.
+        Page::Script | Page::Style | Page::Noscript => {
+            text(out, 404, "not found\n", keep_alive, head_only, "")
+        }
         Page::Favicon => {
             let _ = write!(
                 out,
@@ -143,7 +163,7 @@ pub fn page(
     }
 }
 
-fn usage(base: &str) -> String {
+pub(crate) fn usage(base: &str) -> String {
     [
         "fanpipe: stream bytes from one sender to n receivers over plain HTTP.",
         "",
@@ -161,6 +181,12 @@ fn usage(base: &str) -> String {
         "Behind a proxy that stops forwarding an upload once the answer has begun",
         "(nginx), add report=end: the sender's answer then comes when the transfer",
         "is over, 200 only if every receiver got every byte.",
+        "",
+        "Watch a pipe without taking a place (server-sent events; ?status: one JSON):",
+        &format!("  curl -N '{base}/NAME?progress'"),
+        "Save under a name: add download or filename=NAME to a receiver's URL.",
+        &format!("In a browser, {base}/ is a page that sends and receives files"),
+        &format!("({base}/noscript without JavaScript)."),
         "",
     ]
     .join("\n")
@@ -193,6 +219,42 @@ pub fn sender_head(out: &mut Vec<u8>, status: u16, chunked: bool) {
 /// The head each receiver gets when the transfer starts (no `Connection: close`, as for
 /// the sender).
 pub fn receiver_head(out: &mut Vec<u8>, pass: &PassOn, length: Option<u64>) {
+    receiver_head_as(out, pass, length, &Disposition::Sender, "");
+}
+
+/// The head of a receiver that chose how its body is named (`?download`, `?filename=`);
+/// `pipe` is the pipe's name, the last fallback of a file name.
+pub fn receiver_head_as(
+    out: &mut Vec<u8>,
+    pass: &PassOn,
+    length: Option<u64>,
+    disposition: &Disposition,
+    pipe: &str,
+) {
+    let named;
+    let pass = match disposition {
+        Disposition::Sender => pass,
+        Disposition::Inline => {
+            named = PassOn {
+                content_disposition: None,
+                ..pass.clone()
+            };
+            &named
+        }
+        Disposition::Attachment(name) => {
+            let senders = pass
+                .content_disposition
+                .as_deref()
+                .and_then(filename::from_disposition);
+            let last = pipe.rsplit('/').next().unwrap_or(pipe);
+            let name = name.clone().or(senders).unwrap_or_else(|| last.to_owned());
+            named = PassOn {
+                content_disposition: Some(filename::attachment(&name, "download")),
+                ..pass.clone()
+            };
+            &named
+        }
+    };
     let content_type = match pass.content_type.as_deref() {
         None | Some("") => "application/octet-stream".to_owned(),
         Some(ct) => neutralize_html(ct),
@@ -223,10 +285,31 @@ pub fn receiver_head(out: &mut Vec<u8>, pass: &PassOn, length: Option<u64>) {
     );
 }
 
-/// `text/html` (any case, parameters kept) becomes `text/plain`: a pipe never serves a page.
+/// Types a browser would run or render as a document with scripts: HTML, XHTML, SVG,
+/// any XML, JavaScript, XSLT, and the streaming `multipart/x-mixed-replace`.
+pub fn is_active(essence: &str) -> bool {
+    let e = essence.trim().to_ascii_lowercase();
+    matches!(
+        e.as_str(),
+        "text/html"
+            | "text/xml"
+            | "application/xml"
+            | "text/xsl"
+            | "text/javascript"
+            | "application/javascript"
+            | "application/x-javascript"
+            | "application/ecmascript"
+            | "text/ecmascript"
+            | "text/jscript"
+            | "multipart/x-mixed-replace"
+    ) || e.ends_with("+xml")
+}
+
+/// An active type (any case, parameters kept; see [`is_active`]) becomes `text/plain`: a
+/// pipe never serves a page, an image with scripts, or a script.
 fn neutralize_html(ct: &str) -> String {
     let (essence, params) = ct.split_once(';').map_or((ct, None), |(e, p)| (e, Some(p)));
-    if essence.trim().eq_ignore_ascii_case("text/html") {
+    if is_active(essence) {
         match params {
             Some(p) => format!("text/plain;{p}"),
             None => "text/plain".to_owned(),
@@ -282,5 +365,74 @@ mod tests {
         assert!(s.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
         assert!(s.contains("Allow: GET, HEAD, POST, PUT, OPTIONS\r\n"));
         assert!(s.ends_with("OPTIONS for CORS preflight)\n"));
+    }
+}
+
+#[cfg(test)]
+mod web_tests {
+    use super::*;
+
+    fn head_as(ct: Option<&str>, cd: Option<&str>, d: &Disposition) -> String {
+        let pass = PassOn {
+            content_type: ct.map(Into::into),
+            content_disposition: cd.map(Into::into),
+            x_piping: vec![],
+        };
+        let mut out = Vec::new();
+        receiver_head_as(&mut out, &pass, Some(1), d, "dir/build.tar");
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn active_types_reach_receivers_as_plain_text_with_their_parameters() {
+        for (sent, served) in [
+            ("image/svg+xml", "text/plain"),
+            (
+                "Application/XML; charset=utf-8",
+                "text/plain; charset=utf-8",
+            ),
+            ("text/xml", "text/plain"),
+            ("application/xhtml+xml", "text/plain"),
+            ("text/javascript;charset=x", "text/plain;charset=x"),
+            ("application/javascript", "text/plain"),
+            ("application/ecmascript", "text/plain"),
+            ("text/html", "text/plain"),
+            ("image/png", "image/png"),
+            ("application/json", "application/json"),
+        ] {
+            let h = head_as(Some(sent), None, &Disposition::Sender);
+            assert!(
+                h.contains(&format!("Content-Type: {served}\r\n")),
+                "{sent}: {h}"
+            );
+        }
+    }
+
+    #[test]
+    fn receivers_choose_download_and_file_name() {
+        let sender = Some("attachment; filename=\"a.txt\"");
+        let h = head_as(None, sender, &Disposition::Sender);
+        assert!(h.contains("Content-Disposition: attachment; filename=\"a.txt\"\r\n"));
+        let h = head_as(None, sender, &Disposition::Inline);
+        assert!(!h.contains("Content-Disposition"));
+        let h = head_as(None, sender, &Disposition::Attachment(None));
+        assert!(h.contains("Content-Disposition: attachment; filename=\"a.txt\"\r\n"));
+        let h = head_as(None, None, &Disposition::Attachment(None));
+        assert!(h.contains("Content-Disposition: attachment; filename=\"build.tar\"\r\n"));
+        let h = head_as(None, sender, &Disposition::Attachment(Some("ü/\"x".into())));
+        assert!(h.contains(
+            "Content-Disposition: attachment; filename=\"___x\"; filename*=UTF-8''%C3%BC__x\r\n"
+        ), "{h}");
+    }
+
+    #[test]
+    fn a_private_network_preflight_is_allowed() {
+        let mut out = Vec::new();
+        preflight_private(&mut out, None, true, true);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("Access-Control-Allow-Private-Network: true\r\n"));
+        let mut out = Vec::new();
+        preflight(&mut out, None, true);
+        assert!(!String::from_utf8(out).unwrap().contains("Private-Network"));
     }
 }

@@ -1,5 +1,6 @@
 //! The task that owns one pipe and all of its sockets.
 
+use std::io::IoSlice;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use fanpipe_core::hub::{Phase, PipeParams};
 use fanpipe_core::metrics::OpenConn;
 use fanpipe_core::pipe::{Event, Pipe, READS_PER_TURN};
 use fanpipe_core::registry::PipeId;
+use fanpipe_core::request::Route;
 use fanpipe_core::Config;
 
 use crate::io::{Socket, Timer};
@@ -79,6 +81,8 @@ pub struct PipeTask<S, T> {
     ending: Vec<Closing<S>>,
     /// How long a closed socket may take to send its end.
     write_timeout: Duration,
+    /// The sockets of the pipe's watchers (`?progress`, `?status`), by watcher id.
+    watchers: Vec<Option<(S, OpenConn)>>,
     timer: T,
     /// The registry no longer routes anyone here.
     gone: bool,
@@ -92,6 +96,7 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
             sockets: Vec::new(),
             ending: Vec::new(),
             write_timeout: config.write_timeout,
+            watchers: Vec::new(),
             timer,
             gone: false,
             params,
@@ -137,13 +142,18 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
                 match msg {
                     Msg::Arrival(arrival) => {
                         let (socket, request, open) = *arrival;
-                        let role = request.role();
-                        self.pipe.join(request, role, now);
-                        self.sockets.push(Some(Slot {
-                            sock: socket,
-                            _open: open,
-                            ending: None,
-                        }));
+                        if let Route::Watch { .. } = request.request.route {
+                            self.pipe.watch(request, now);
+                            self.watchers.push(Some((socket, open)));
+                        } else {
+                            let role = request.role();
+                            self.pipe.join(request, role, now);
+                            self.sockets.push(Some(Slot {
+                                sock: socket,
+                                _open: open,
+                                ending: None,
+                            }));
+                        }
                     }
                     // The server's phase, in the pipe's own terms.
                     Msg::Phase(Phase::Running) => {}
@@ -154,6 +164,9 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
             }
             for p in 0..self.sockets.len() {
                 moved |= self.party_io(cx, p, now);
+            }
+            for w in 0..self.watchers.len() {
+                moved |= self.watcher_io(cx, w);
             }
             while let Some(event) = self.pipe.poll_event() {
                 moved = true;
@@ -189,6 +202,52 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
         self.ending
             .retain_mut(|e| e.until > now && e.slot.poll_end(cx).is_pending());
         self.ending.len() != before
+
+    }
+
+    /// One watcher's socket: what the core has for it, written as it can take it (a slow
+    /// watcher only gets less), and its end read.
+    fn watcher_io(&mut self, cx: &mut Context<'_>, w: usize) -> bool {
+        let Some((sock, _)) = self.watchers[w].as_mut() else {
+            return false;
+        };
+        if self.pipe.watcher_is_closed(w) {
+            self.watchers[w] = None;
+            return true;
+        }
+        let mut moved = false;
+        let out = self.pipe.watcher_output(w);
+        if !out.is_empty() {
+            match sock.poll_write_vectored(cx, &[IoSlice::new(out)]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.pipe.handle_watcher_wrote(w, n);
+                    moved = true;
+                }
+                Poll::Ready(_) => {
+                    self.pipe.handle_watcher_error(w);
+                    return true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        if self.pipe.take_watcher_shutdown(w) {
+            sock.shutdown_write(cx);
+            moved = true;
+        }
+        if let Some(buf) = self.pipe.watcher_read_buf(w) {
+            match sock.poll_read(cx, buf) {
+                Poll::Ready(Ok(n)) => {
+                    self.pipe.handle_watcher_read(w, n);
+                    moved = true;
+                }
+                Poll::Ready(Err(_)) => {
+                    self.pipe.handle_watcher_error(w);
+                    moved = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        moved
     }
 
     /// One party's socket: close, shut down, write and read as the core says.

@@ -12,7 +12,7 @@ use fanpipe_core::client::ClientConns;
 use fanpipe_core::conn::{Conn, PipeRequest};
 use fanpipe_core::hub::{Hub, Phase};
 use fanpipe_core::metrics::{Connections, OpenConn};
-use fanpipe_core::request::{Page, Route};
+use fanpipe_core::request::Page;
 use fanpipe_core::Config;
 
 use crate::conn::poll_conn;
@@ -227,7 +227,7 @@ pub async fn serve_connection<R: Runtime>(rt: &R, mut c: Connection<R::Socket>) 
                 request
             }
         };
-        if let Route::Pipe { name, .. } = &request.request.route {
+        if let Some(name) = request.request.pipe_name() {
             if !rt.owns(name) {
                 c.request = Some(request);
                 rt.hand_over(c);

@@ -9,6 +9,9 @@
 #[path = "../../fuzz/src/lib.rs"]
 mod targets;
 
+#[path = "../../fuzz/src/multipart.rs"]
+mod multipart_target;
+
 use std::path::PathBuf;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
@@ -60,4 +63,9 @@ fn chunked_corpus() {
 #[test]
 fn pipe_corpus() {
     replay("pipe", targets::pipe);
+}
+
+#[test]
+fn multipart_corpus() {
+    replay("multipart", multipart_target::multipart);
 }

@@ -6,10 +6,15 @@ use std::time::Instant;
 use super::{Outcome, Pipe};
 use crate::broadcast::Broadcast;
 use crate::chunked::{BodyDecoder, BodyError};
+use crate::multipart::FormDecoder;
 
 /// How many framing bytes the sender is read for at a time; data that comes with them is
 /// copied, the rest of a chunk is read straight into the buffer.
 const RAW_READ: usize = 64;
+
+/// How many bytes a form sender (`?form`) is read for at a time: all its body goes
+/// through the form decoder, none straight into the ring.
+const FORM_READ: usize = 16 * 1024;
 
 /// Where the sender's next read goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,8 @@ pub(super) struct Ingest {
     read_into: ReadInto,
     /// Body bytes taken into the ring.
     pub(super) bytes: u64,
+    /// A form sender's decoder: the body's first part is what goes into the ring.
+    form: Option<FormDecoder>,
 }
 
 impl Ingest {
@@ -51,6 +58,24 @@ impl Ingest {
             frame_in: vec![0; RAW_READ],
             read_into: ReadInto::Nowhere,
             bytes: 0,
+            form: None,
+        }
+    }
+
+    /// The body is a form (`?form`) with this boundary: only its first part's bytes go
+    /// into the ring.
+    pub(super) fn with_form(mut self, boundary: &str) -> Self {
+        self.form = Some(FormDecoder::new(boundary));
+        self.frame_in = vec![0; FORM_READ];
+        self
+    }
+
+    /// A form's first part's headers (`None` if the form ended without a part), once
+    /// known; `Err` while they are not, or if this body is no form.
+    pub(super) fn form_head(&self) -> Result<Option<&crate::multipart::PartHead>, ()> {
+        match &self.form {
+            Some(f) if f.head_known() => Ok(f.first_head()),
+            _ => Err(()),
         }
     }
 
@@ -66,7 +91,7 @@ impl Ingest {
             return None;
         }
         let data_left = self.decoder.data_left();
-        if data_left > 0 {
+        if data_left > 0 && self.form.is_none() {
             let free = self.ring.capacity() - self.ring.buffered();
             let space = self.ring.writable();
             let k = space
@@ -82,11 +107,18 @@ impl Ingest {
             return Some(&mut space[..k]);
         }
         // Data read with framing is copied in, across the wrap if need be.
-        if self.ring.reserve(RAW_READ) < RAW_READ {
+        let want = RAW_READ + self.form.as_ref().map_or(0, FormDecoder::held);
+        if self.ring.reserve(want) < want {
             return None;
         }
         self.read_into = ReadInto::Raw;
-        Some(&mut self.frame_in)
+        let k = match self.decoder.data_left() {
+            // A form's body read no further than its length: what follows is not ours.
+            0 => RAW_READ,
+            left => usize::try_from(left).unwrap_or(usize::MAX).max(RAW_READ),
+        };
+        let k = k.min(self.frame_in.len());
+        Some(&mut self.frame_in[..k])
     }
 
     /// `n` bytes were read into [`Ingest::buf`] (not 0: the caller handles the end).
@@ -106,8 +138,8 @@ impl Ingest {
             ReadInto::Raw => {
                 self.raw.clear();
                 self.raw_pos = 0;
-                self.raw
-                    .extend_from_slice(&self.frame_in[..n.min(RAW_READ)]);
+                let n = n.min(self.frame_in.len());
+                self.raw.extend_from_slice(&self.frame_in[..n]);
                 self.pump()
             }
             ReadInto::Nowhere => Ok(()),
@@ -118,17 +150,30 @@ impl Ingest {
     fn pump(&mut self) -> Result<(), BodyError> {
         let mut result = Ok(());
         while self.raw_pos < self.raw.len() && !self.decoder.is_done() {
-            // Input is never shorter than the data it holds, so `room` input bytes fit.
-            let room = self.ring.reserve(self.raw.len() - self.raw_pos);
-            if room == 0 {
+            // Input is never shorter than the data it holds, so `room` input bytes fit;
+            // a form decoder may add the bytes of a boundary it held back.
+            let held = self.form.as_ref().map_or(0, FormDecoder::held);
+            let room = self.ring.reserve(self.raw.len() - self.raw_pos + held);
+            if room <= held {
                 break;
             }
-            let end = self.raw.len().min(self.raw_pos + room);
+            let end = self.raw.len().min(self.raw_pos + room - held);
             match self.decoder.decode(&self.raw[self.raw_pos..end]) {
                 Ok(step) => {
                     let data =
                         &self.raw[self.raw_pos + step.data.start..self.raw_pos + step.data.end];
-                    self.bytes += self.ring.push(data) as u64;
+                    match &mut self.form {
+                        None => self.bytes += self.ring.push(data) as u64,
+                        Some(form) => {
+                            let (ring, mut pushed) = (&mut self.ring, 0);
+                            let r = form.decode(data, &mut |s| pushed += ring.push(s));
+                            self.bytes += pushed as u64;
+                            if let Err(e) = r {
+                                result = Err(BodyError::Form(e));
+                                break;
+                            }
+                        }
+                    }
                     self.raw_pos += step.consumed;
                     if step.consumed == 0 {
                         break;
@@ -139,6 +184,9 @@ impl Ingest {
                     break;
                 }
             }
+        }
+        if let (Some(form), true, Ok(())) = (&self.form, self.decoder.is_done(), &result) {
+            result = form.finish().map_err(BodyError::Form);
         }
         if self.decoder.is_done() || self.raw_pos >= self.raw.len() {
             self.raw.clear();
@@ -172,6 +220,7 @@ impl Pipe {
         if let Err(e) = result {
             self.fail(Outcome::Malformed(e), now);
         }
+        self.form_heads();
         self.check_end(now);
     }
 
@@ -180,6 +229,28 @@ impl Pipe {
         if let Some(Err(e)) = self.body.as_mut().map(Ingest::pump) {
             self.fail(Outcome::Malformed(e), now);
         }
+        self.form_heads();
+    }
+
+    /// A form's first part's headers, once they are known: what the receivers' heads say.
+    pub(super) fn form_pass_on(&self) -> Option<crate::request::PassOn> {
+        let head = self.body.as_ref()?.form_head().ok()?;
+        let sender = self.sender.and_then(|s| self.parties.get(s))?;
+        let filename = head
+            .and_then(|h| h.filename.as_deref())
+            .filter(|f| !f.is_empty());
+        let content_type = head.and_then(|h| h.content_type.clone()).or_else(|| {
+            Some(if filename.is_some() || head.is_none() {
+                "application/octet-stream".to_owned()
+            } else {
+                "text/plain; charset=utf-8".to_owned()
+            })
+        });
+        Some(crate::request::PassOn {
+            content_type,
+            content_disposition: filename.map(|f| crate::filename::attachment(f, "download")),
+            x_piping: sender.request.pass_on.x_piping.clone(),
+        })
     }
 
     /// Room may have freed in the ring for sender bytes that were read with framing.

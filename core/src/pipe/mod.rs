@@ -11,6 +11,7 @@
 
 mod egress;
 mod ingest;
+pub mod watch;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -267,6 +268,11 @@ pub struct Pipe {
     rate_check: Option<Instant>,
     /// Each receiver's ring position (by slot) when the current rate window began.
     rate_marks: Vec<u64>,
+    /// A form sender's transfer started, and the receivers' heads wait for its first
+    /// part's headers (bounded by `multipart::MAX_PART_HEAD`).
+    heads_pending: bool,
+    /// Who watches this pipe's state without taking a place (`?progress`, `?status`).
+    watch: watch::Watch,
 }
 
 impl Pipe {
@@ -287,6 +293,8 @@ impl Pipe {
             leftover: Vec::new(),
             rate_check: None,
             rate_marks: Vec::new(),
+            heads_pending: false,
+            watch: watch::Watch::default(),
         }
     }
 
@@ -354,6 +362,7 @@ impl Pipe {
             }
         }
         self.try_start(now);
+        self.watch_sync(now);
         id
     }
 
@@ -435,7 +444,7 @@ impl Pipe {
 
     /// Whether every party is closed: the owner of this pipe may end.
     pub fn is_idle(&self) -> bool {
-        self.parties.iter().all(|p| !p.is_open())
+        self.parties.iter().all(|p| !p.is_open()) && self.watchers_idle()
     }
 
     /// Whether the transfer ran and ended.
@@ -487,6 +496,7 @@ impl Pipe {
             .flatten()
             .chain(idle)
             .chain(rate)
+            .chain(self.watch_timeout())
             .min()
     }
 
@@ -531,6 +541,7 @@ impl Pipe {
                 self.check_rates(now);
             }
         }
+        self.watch_tick(now);
     }
 
     /// The end of a rate window (`--min-receiver-rate`): a receiver that took fewer than
@@ -575,6 +586,7 @@ impl Pipe {
         for p in slow {
             self.handle_error(p, now);
         }
+
     }
 
     /// The server is shutting down: waiting parties are told and let go; a running
@@ -585,6 +597,7 @@ impl Pipe {
                 self.give_up_waiting(p, &Reject::ShuttingDown, now);
             }
         }
+        self.watch_sync(now);
     }
 
     /// The shutdown grace is over: a running transfer is cut by the failure rules.
@@ -619,6 +632,7 @@ impl Pipe {
 
     /// `n` bytes were read into [`Pipe::read_buf`]; 0 is the end of the client's stream.
     pub fn handle_read(&mut self, p: PartyId, n: usize, now: Instant) {
+        let before = self.state_kind(p);
         let Some(party) = self.parties.get_mut(p) else {
             return;
         };
@@ -659,10 +673,21 @@ impl Pipe {
             (Role::Receiver, _) if n == 0 => party.eof = true,
             _ => {}
         }
+        if self.state_kind(p) != before {
+            self.watch_sync(now);
+        }
+    }
+
+    /// The kind of a party's state (not its progress), to tell watchers only of changes.
+    fn state_kind(&self, p: PartyId) -> Option<std::mem::Discriminant<State>> {
+        self.parties
+            .get(p)
+            .map(|x| std::mem::discriminant(&x.state))
     }
 
     /// `n` bytes of [`Pipe::write_slices`] were written.
     pub fn handle_wrote(&mut self, p: PartyId, n: usize, now: Instant) {
+        let before = self.state_kind(p);
         if n > 0 && self.stage != Stage::Waiting {
             self.last_progress = Some(now);
         }
@@ -678,6 +703,9 @@ impl Pipe {
             }
         }
         self.after_progress(p, now);
+        if self.state_kind(p) != before {
+            self.watch_sync(now);
+        }
     }
 
     /// This party's socket failed, or it is gone.
@@ -706,6 +734,7 @@ impl Pipe {
             (_, State::Sending) => self.fail(Outcome::SenderGone, now),
             (_, State::Closing { .. } | State::Flushing { .. } | State::Closed) => {}
         }
+        self.watch_sync(now);
     }
 
     /// Writes to a waiting party: a receiver gets a probe, a sender a heartbeat line.
@@ -826,7 +855,10 @@ impl Pipe {
             return;
         }
         let framing = self.parties[s].request.framing;
+        let form = self.parties[s].request.web.form.clone();
         let length = match framing {
+            // A form's first part is shorter than the body, by an amount known at its end.
+            _ if form.is_some() => None,
             Framing::Length(l) => Some(l),
             Framing::Chunked => None,
         };
@@ -852,7 +884,16 @@ impl Pipe {
                 };
                 ring.remove(slot);
             } else {
-                response::receiver_head(&mut party.out, &pass_on, length);
+                if form.is_none() {
+                    let choice = &party.request.web.disposition;
+                    response::receiver_head_as(
+                        &mut party.out,
+                        &pass_on,
+                        length,
+                        choice,
+                        &self.name,
+                    );
+                }
                 let chunk = length.is_none().then(Chunk::default);
                 party.state = State::Receiving(Feed { slot, chunk });
             }
@@ -863,11 +904,12 @@ impl Pipe {
         }
         self.receivers = ids;
         let leftover = std::mem::take(&mut self.leftover);
-        self.body = Some(ingest::Ingest::new(
-            ring,
-            BodyDecoder::new(framing),
-            leftover,
-        ));
+        let ingest = ingest::Ingest::new(ring, BodyDecoder::new(framing), leftover);
+        self.heads_pending = form.is_some();
+        self.body = Some(match &form {
+            Some(boundary) => ingest.with_form(boundary),
+            None => ingest,
+        });
         self.parties[s].state = State::Sending;
         self.stage = Stage::Running { started: now };
         self.last_progress = Some(now);
@@ -878,6 +920,26 @@ impl Pipe {
         ));
         self.pump(now);
         self.check_end(now);
+    }
+
+    /// A form sender's first part's headers are known: the receivers' heads go out, with
+    /// the part's type and file name.
+    fn form_heads(&mut self) {
+        if !self.heads_pending {
+            return;
+        }
+        let Some(pass_on) = self.form_pass_on() else {
+            return;
+        };
+        self.heads_pending = false;
+        for &p in &self.receivers {
+            let party = &mut self.parties[p];
+            if let State::Receiving(_) = party.state {
+                let choice = &party.request.web.disposition;
+                // After a probe still queued; no framing is queued yet (no data came).
+                response::receiver_head_as(&mut party.out, &pass_on, None, choice, &self.name);
+            }
+        }
     }
 
     /// After a write: is this receiver done, is the transfer over?
@@ -990,6 +1052,9 @@ impl Pipe {
                 continue;
             };
             party.state = match feed.chunk {
+                // No head was written (a form whose headers never came): the close
+                // with nothing is the error.
+                _ if self.heads_pending => State::Closed,
                 // Between chunks, a line that is no chunk size makes the cut plain to
                 // every client; within a chunk or a length, the close short of it does.
                 Some(c) if c.data_left == 0 && c.crlf_left == 0 && !c.last_queued => {
@@ -1048,13 +1113,15 @@ impl Pipe {
                 }
             }
         }
-        self.events.push_back(Event::Finished(Summary {
+        let summary = Summary {
             name: self.name.clone(),
             n: self.n,
             bytes,
             complete,
             seconds,
             outcome,
-        }));
+        };
+        self.watch_done(&summary, now);
+        self.events.push_back(Event::Finished(summary));
     }
 }
