@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::Cidr;
 use crate::budget::MemoryBudget;
+use crate::client::Cidr;
 use crate::request::Report;
 use crate::signed::Keys;
 

@@ -23,6 +23,6 @@ pub use io::{sleep_until, Socket, Timer};
 pub use pipe_task::{Msg, PipeTask};
 pub use runtime::Runtime;
 pub use server::{
-    accept, accepted, announce_stop, serve_connection, shut_down, Connection, Listen,
-    ServerState, ACCEPT_BACKOFF,
+    accept, accepted, announce_stop, serve_connection, shut_down, Connection, Listen, ServerState,
+    ACCEPT_BACKOFF,
 };

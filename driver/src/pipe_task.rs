@@ -202,7 +202,6 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
         self.ending
             .retain_mut(|e| e.until > now && e.slot.poll_end(cx).is_pending());
         self.ending.len() != before
-
     }
 
     /// One watcher's socket: what the core has for it, written as it can take it (a slow

@@ -586,7 +586,6 @@ impl Pipe {
         for p in slow {
             self.handle_error(p, now);
         }
-
     }
 
     /// The server is shutting down: waiting parties are told and let go; a running
