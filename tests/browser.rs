@@ -8,7 +8,13 @@
 //! <reason>` to stderr and returns. `FANPIPE_SCREENSHOT=docs/page.png` makes the
 //! screenshot test write the README's picture.
 
-use std::io::{BufRead, BufReader, Read, Write};
+// The conformance machinery runs these once, on the default backend.
+#[allow(unused_imports)]
+mod common;
+
+use common::Server;
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,49 +44,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The server under test, on a free loopback port, killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start() -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fanpipe"))
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fanpipe");
-        let mut lines = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        let base = loop {
-            line.clear();
-            if lines.read_line(&mut line).unwrap_or(0) == 0 {
-                panic!("fanpipe printed no listening line");
-            }
-            if let Some(at) = line.find("http://") {
-                break line[at..].trim().to_owned();
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        thread::spawn(move || for _ in lines.lines() {});
-        Server { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -366,7 +329,7 @@ fn in_order(seen: &str, want: &[&str]) -> bool {
 
 #[test]
 fn the_page_sends_a_file_to_two_curl_receivers() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let Some(b) = browser() else { return };
     let dir = Scratch::new("send");
     let data = payload(3_000_000, 7);
@@ -427,7 +390,7 @@ fn the_page_sends_a_file_to_two_curl_receivers() {
 
 #[test]
 fn the_page_receives_from_a_curl_sender_as_a_download() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let Some(b) = browser() else { return };
     let dir = Scratch::new("receive");
     let data = payload(1_500_000, 11);
@@ -489,7 +452,7 @@ fn the_page_receives_from_a_curl_sender_as_a_download() {
 
 #[test]
 fn the_progress_view_goes_waiting_sending_done() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let Some(b) = browser() else { return };
     let dir = Scratch::new("progress");
     let data = payload(2_000_000, 13);
@@ -540,7 +503,7 @@ fn the_progress_view_goes_waiting_sending_done() {
 
 #[test]
 fn the_noscript_form_posts_a_file_that_curl_receives() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let Some(b) = browser() else { return };
     let dir = Scratch::new("noscript");
     let data = payload(700_000, 17);
@@ -579,7 +542,7 @@ fn the_noscript_form_posts_a_file_that_curl_receives() {
 
 #[test]
 fn a_screenshot_of_the_page() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let Some(b) = browser() else { return };
     b.goto(&server.url("/"));
     b.fill("#send-name", "build-12af");

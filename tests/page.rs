@@ -5,54 +5,17 @@
 //!
 //! Run once, on the default backend: all of it is the core's.
 
-use std::io::{BufRead, BufReader, Read};
+// The conformance machinery runs these once, on the default backend.
+#[allow(unused_imports)]
+mod common;
+
+use common::Server;
+
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::Duration;
-
-/// The server under test, on a free loopback port, killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start() -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fanpipe"))
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fanpipe");
-        let mut lines = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        let base = loop {
-            line.clear();
-            assert!(
-                lines.read_line(&mut line).unwrap_or(0) > 0,
-                "no listening line"
-            );
-            if let Some(at) = line.find("http://") {
-                break line[at..].trim().to_owned();
-            }
-        };
-        thread::spawn(move || for _ in lines.lines() {});
-        Server { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// curl with a time limit, its output kept.
 fn curl(args: &[&str]) -> Output {
@@ -118,7 +81,7 @@ fn wait_state(server: &Server, name: &str, want: &str) {
 
 #[test]
 fn browsers_get_the_page_and_curl_the_text_help() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let (head, body) = split(&curl(&["-i", &server.url("/")]).stdout);
     assert!(
         head.contains("Content-Type: text/plain; charset=utf-8\r\n"),
@@ -168,7 +131,7 @@ fn browsers_get_the_page_and_curl_the_text_help() {
 #[test]
 fn a_form_upload_reaches_receivers_as_its_file_part_and_other_multipart_bytes_are_piped_as_they_are(
 ) {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let data = payload(400_000);
     let file = temp_file("form-data.bin", &data);
     let url = server.url("/form?n=2");
@@ -219,7 +182,7 @@ fn a_form_upload_reaches_receivers_as_its_file_part_and_other_multipart_bytes_ar
 
 #[test]
 fn watchers_see_waiting_sending_done_without_taking_a_place() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     // No pipe yet: the state is "none" and the stream ends (EventSource comes back).
     let out = curl(&["-N", &server.url("/w?progress")]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -288,7 +251,7 @@ fn watchers_see_waiting_sending_done_without_taking_a_place() {
 
 #[test]
 fn at_most_sixteen_watchers_per_pipe() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let r = curl_bg(&[&server.url("/many?n=1")]);
     wait_state(&server, "many", "waiting");
     let watchers: Vec<Child> = (0..16)
@@ -318,7 +281,7 @@ fn at_most_sixteen_watchers_per_pipe() {
 
 #[test]
 fn receivers_choose_the_file_name_and_active_types_reach_them_as_text() {
-    let server = Server::start();
+    let server = Server::start(&[]);
     let cases = [
         ("/d1?filename=r%C3%A9sum%C3%A9%22%0D%0A.pdf", Some("Content-Disposition: attachment; filename=\"r_sum____.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9___.pdf\r\n")),
         ("/d2?download", Some("Content-Disposition: attachment; filename=\"sent.svg\"\r\n")),
