@@ -81,7 +81,7 @@ impl Curl {
     fn receive(url: &str, dir: &Path, tag: &str, extra: &[&str]) -> Curl {
         let body = dir.join(format!("{tag}.body"));
         let head = dir.join(format!("{tag}.head"));
-        let child = Command::new("curl")
+        let child = common::curl()
             .args(["-fsS", "--max-time", "60", "-o"])
             .arg(&body)
             .arg("-D")
@@ -164,6 +164,9 @@ impl Browser {
         ];
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            // Over HTTPS (`FANPIPE_TLS=1`) the server's certificate comes from the
+            // suite's own test CA, which this fresh profile does not know.
+            "acceptInsecureCerts": common::tls::enabled(),
             "goog:chromeOptions": {
                 "binary": chromium,
                 "args": args,
@@ -415,7 +418,7 @@ fn the_page_receives_from_a_curl_sender_as_a_download() {
     );
     // The sender first: a click waits for the navigation it starts, which waits for
     // the pipe's response.
-    let sender = Command::new("curl")
+    let sender = common::curl()
         .args(["-fsS", "--max-time", "60", "-T"])
         .arg(&file)
         .arg(server.url("/browser-receive?n=1"))

@@ -34,12 +34,12 @@ const NODE_RECEIVER: &str = r#"
 })();
 "#;
 
-/// Sends an 8 MiB body to a pipe URL and prints the response: `clean` and its text, or
+/// Sends a 64 MiB body to a pipe URL and prints the response: `clean` and its text, or
 /// `error WHY` (exit 3).
 const NODE_SENDER: &str = r#"
 (async () => {
   try {
-    const r = await fetch(process.argv[1], { method: 'PUT', body: new Uint8Array(8 << 20) });
+    const r = await fetch(process.argv[1], { method: 'PUT', body: new Uint8Array(64 << 20) });
     const text = await r.text();
     console.log('clean ' + JSON.stringify(text)); process.exit(0);
   } catch (e) {
@@ -253,7 +253,8 @@ fn node_fetch_and_python_requests_get_whole_bodies() {
 }
 
 /// Node's fetch sends a body whole into the socket buffers; its only receiver reads
-/// nothing, and the idle timeout drops it: the sender's progress response must end in an
+/// nothing, and the idle timeout drops it. (The body is larger than every buffer on the
+/// way, the TLS bridge's two sockets included, so that it cannot all be delivered.) the sender's progress response must end in an
 /// error for fetch, not in a clean end after its `[ERROR]` line.
 #[test]
 fn node_fetch_sender_sees_an_error_when_its_receiver_is_lost() {

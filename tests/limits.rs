@@ -1084,10 +1084,13 @@ fn thousand_connections_all_transfers_correct() {
 
 const BUDGET_PIPES: usize = 1000;
 const BUDGET_LIMIT: usize = 16 * MIB;
+/// What a TLS connection may add to the server's peak, at most, in the bound below.
+const TLS_PER_CONNECTION: usize = 24 * 1024;
 
 /// A thousand pipes of 1 MiB at once (n = 1) under a 16 MiB `--memory-limit`: every byte
 /// arrives, the server's peak RSS stays within the limit and 64 MiB more (each pipe would
-/// otherwise grow its ring to 1 MiB), and every ring's bytes go back to the budget.
+/// otherwise grow its ring to 1 MiB; over TLS, 24 KiB more per connection), and every
+/// ring's bytes go back to the budget.
 fn thousand_pipes_stay_within_the_memory_limit() {
     let limit = BUDGET_LIMIT.to_string();
     // One client address opens every pipe here: its per-client shares are lifted.
@@ -1175,7 +1178,14 @@ fn thousand_pipes_stay_within_the_memory_limit() {
         failures.len(),
         failures[..shown].join("\n  ")
     );
-    let bound = (BUDGET_LIMIT + 64 * MIB) / 1024;
+    // Over TLS each of the 2,000 connections also holds rustls's state and record
+    // buffers, outside the budget: 10-22 KiB each measured at the peak of this test.
+    let tls = if server.is_tls() {
+        2 * BUDGET_PIPES * TLS_PER_CONNECTION
+    } else {
+        0
+    };
+    let bound = (BUDGET_LIMIT + 64 * MIB + tls) / 1024;
     assert!(
         hwm < bound as u64,
         "server peak RSS (VmHWM) {hwm} KiB with {BUDGET_PIPES} pipes of 1 MiB under \

@@ -13,13 +13,13 @@ use common::Server;
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::thread;
 use std::time::Duration;
 
 /// curl with a time limit, its output kept.
 fn curl(args: &[&str]) -> Output {
-    Command::new("curl")
+    common::curl()
         .args(["-sS", "--max-time", "30"])
         .args(args)
         .stdin(Stdio::null())
@@ -29,7 +29,7 @@ fn curl(args: &[&str]) -> Output {
 
 /// curl in the background: `-i` output (head and body) on its stdout.
 fn curl_bg(args: &[&str]) -> Child {
-    Command::new("curl")
+    common::curl()
         .args(["-sS", "-i", "--max-time", "30"])
         .args(args)
         .stdin(Stdio::null())
@@ -197,7 +197,7 @@ fn watchers_see_waiting_sending_done_without_taking_a_place() {
 
     let data = payload(24_000_000);
     let file = temp_file("watched.bin", &data);
-    let sender = Command::new("curl")
+    let sender = common::curl()
         .args(["-sS", "-f", "--max-time", "30", "-T"])
         .arg(&file)
         .arg(server.url("/w?n=1"))
@@ -205,7 +205,7 @@ fn watchers_see_waiting_sending_done_without_taking_a_place() {
         .spawn()
         .unwrap();
     wait_state(&server, "w", "\"sender\":true");
-    let mut watcher = Command::new("curl")
+    let mut watcher = common::curl()
         .args(["-sS", "-N", "--max-time", "30"])
         .arg(server.url("/w?progress"))
         .stdout(Stdio::piped())
@@ -256,7 +256,7 @@ fn at_most_sixteen_watchers_per_pipe() {
     wait_state(&server, "many", "waiting");
     let watchers: Vec<Child> = (0..16)
         .map(|_| {
-            Command::new("curl")
+            common::curl()
                 .args(["-sS", "-N", "--max-time", "30"])
                 .arg(server.url("/many?progress"))
                 .stdout(Stdio::null())

@@ -375,7 +375,7 @@ fn tail(text: &str, lines: usize) -> String {
 /// A fanpipe with the test timeouts, and `kind` in front of it; `None` (after saying so)
 /// when the proxy cannot run here.
 fn behind(kind: Kind) -> Option<(Server, Proxy)> {
-    let server = Server::start(&["--wait-timeout", &WAIT_TIMEOUT_SECS.to_string()]);
+    let server = Server::start_plain(&["--wait-timeout", &WAIT_TIMEOUT_SECS.to_string()]);
     match Proxy::start(&Setup::plain(kind, &[server.addr()])) {
         Ok(proxy) => Some((server, proxy)),
         Err(why) => {
@@ -568,7 +568,7 @@ fn tls_transfer(kind: Kind) {
         Ok(tls) => tls,
         Err(why) => return skip(kind.name(), &why),
     };
-    let server = Server::start(&[]);
+    let server = Server::start_plain(&[]);
     let upstream = [server.addr()];
     let setup = Setup {
         kind,
@@ -702,7 +702,7 @@ fn nginx_large_upload_from_a_pipe() {
 /// head only once the body starts.
 #[test]
 fn haproxy_passing_expect_on() {
-    let server = Server::start(&[]);
+    let server = Server::start_plain(&[]);
     let upstream = [server.addr()];
     let setup = Setup {
         kind: Kind::Haproxy,
@@ -745,7 +745,7 @@ struct Cluster {
 }
 
 fn cluster(extra: &[&str]) -> Option<Cluster> {
-    let servers: Vec<Server> = (0..3).map(|_| Server::start(extra)).collect();
+    let servers: Vec<Server> = (0..3).map(|_| Server::start_plain(extra)).collect();
     let upstreams: Vec<SocketAddr> = servers.iter().map(Server::addr).collect();
     // Senders here pause for seconds mid-body while the test arranges the drain: the
     // proxy's silence timeout must outlast that, as it must outlast fanpipe's

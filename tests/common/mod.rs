@@ -63,9 +63,19 @@ impl Server {
     /// `listening on http://ADDR` line on stderr (`https://` with `--tls-cert`, which
     /// `FANPIPE_TLS=1` adds with the suite's certificate when `extra` has none).
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_as(extra, tls::enabled())
+    }
+
+    /// A server that speaks plain HTTP whatever `FANPIPE_TLS` says: the upstream of the
+    /// proxies in `deploy/`, which speak HTTP to fanpipe and TLS to their clients.
+    pub fn start_plain(extra: &[&str]) -> Server {
+        Server::start_as(extra, false)
+    }
+
+    fn start_as(extra: &[&str], suite_tls: bool) -> Server {
         let bin = server_binary();
         let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-        if tls::enabled() && !extra.contains(&"--tls-cert") {
+        if suite_tls && !extra.contains(&"--tls-cert") {
             args.extend(tls::server_flags());
         }
         let tls = args.iter().any(|a| a == "--tls-cert");

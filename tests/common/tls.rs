@@ -172,6 +172,33 @@ fn flush(conn: &Mutex<ClientConnection>, out: &Mutex<TcpStream>) -> io::Result<(
     }
 }
 
+/// Hands `bytes` to the TLS client and sends its records. Until the handshake is done
+/// rustls holds plaintext in a bounded buffer and takes no more once it is full, so what
+/// it refuses is offered again once the handshake has moved on.
+fn send_plaintext(
+    conn: &Mutex<ClientConnection>,
+    out: &Mutex<TcpStream>,
+    mut bytes: &[u8],
+) -> io::Result<()> {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !bytes.is_empty() {
+        let taken = conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .writer()
+            .write(bytes)?;
+        flush(conn, out)?;
+        bytes = &bytes[taken..];
+        if taken == 0 {
+            if std::time::Instant::now() > until {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok(())
+}
+
 fn run_bridge(plain: TcpStream, upstream: TcpStream, config: Arc<ClientConfig>) {
     let _ = plain.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
@@ -218,13 +245,9 @@ fn run_bridge(plain: TcpStream, upstream: TcpStream, config: Arc<ClientConfig>) 
                             return;
                         }
                         Ok(n) => {
-                            let wrote = conn
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .writer()
-                                .write_all(&buf[..n]);
-                            if wrote.is_err() || flush(&conn, &out).is_err() {
-                                let _ = from.shutdown(Shutdown::Both);
+                            if send_plaintext(&conn, &out, &buf[..n]).is_err() {
+                                // As over TCP, a failed send leaves what the server sent
+                                // before to be read: the other way ends the caller's side.
                                 return;
                             }
                         }
