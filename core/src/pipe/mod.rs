@@ -355,7 +355,7 @@ impl Pipe {
             leftover,
         });
         if self.stage == Stage::Waiting && !self.has_place(role) {
-            self.contest(role);
+            self.contest(role, now);
         }
         self.settle(now);
         self.watch_sync(now);
@@ -426,19 +426,30 @@ impl Pipe {
     }
 
     /// A newcomer of `role` found no place free: each waiting party of that role not
-    /// already in doubt is looked at now (its socket's state asked at once, not at its
-    /// next check), since a client that has just gone may not be known yet: a waiting
-    /// sender's FIN shows only at its check, a receiver's only at its next read, and a
-    /// half-closed party found there before may have gone since.
-    fn contest(&mut self, role: Role) {
-        for party in &mut self.parties {
+    /// already in doubt is looked at now, since a client that has just gone may not be
+    /// known yet. A waiting sender is written a heartbeat line at once and is in doubt
+    /// until its check [`REPROBE`] later: it is not read, and a sender killed with its
+    /// body still in its kernel's buffers (more than the server's socket takes while it
+    /// waits) sends no FIN until that body is taken, so its socket looks open; but a
+    /// client that has gone answers the write with a reset. One whose line cannot be
+    /// written yet (its head is held) is asked about at once. A receiver is read, so
+    /// its FIN reaches the kernel: its socket's state is asked at once (its next read
+    /// may not have come yet), and one that half-closed is probed again.
+    fn contest(&mut self, role: Role, now: Instant) {
+        for p in 0..self.parties.len() {
+            let party = &mut self.parties[p];
             if party.role != role || party.suspect {
                 continue;
             }
-            if let State::Waiting { check, .. } = &mut party.state {
-                if !matches!(check, Check::Due { .. }) {
-                    *check = Check::Due { probed: false };
-                }
+            let writable = party.hold.is_none();
+            let State::Waiting { until, check, .. } = &mut party.state else {
+                continue;
+            };
+            if role == Role::Sender && writable {
+                let until = *until;
+                self.suspect(p, until, now);
+            } else if !matches!(check, Check::Due { .. }) {
+                *check = Check::Due { probed: false };
             }
         }
     }
