@@ -460,6 +460,7 @@ impl Pipe {
     /// party that is there). Then the transfer starts if it can.
     fn settle(&mut self, now: Instant) {
         if self.parties.iter().any(Party::is_held) {
+            let mut seated = false;
             for p in 0..self.parties.len() {
                 if !self.parties[p].is_held() {
                     continue;
@@ -467,12 +468,21 @@ impl Pipe {
                 let role = self.parties[p].role;
                 if self.stage == Stage::Waiting && self.has_place(role) {
                     self.seat(p, now);
+                    seated = true;
                 } else if self.stage != Stage::Waiting || !self.in_doubt(role) {
                     self.refuse(p, self.full(role), now);
                 }
             }
+            if seated {
+                // Watchers see the pipe's parties, which held ones were not.
+                self.watch_sync(now);
+            }
         }
+        let waiting = self.stage == Stage::Waiting;
         self.try_start(now);
+        if waiting && self.stage != Stage::Waiting {
+            self.watch_sync(now);
+        }
     }
 
     /// Whether a waiting party of `role` is in doubt ([`Party::in_doubt`]).
