@@ -583,6 +583,62 @@ fn killed_waiting_receiver_retried_gets_its_place() {
     sender.finish().assert_done(bytes.len() as u64, 1);
 }
 
+/// A waiting receiver's curl killed and its request sent again at once, as a user or a
+/// script retries after Ctrl-C: the old one's end reached the server just before, and its
+/// probe has not told yet whether it has gone or only half-closed (a retry within those
+/// few milliseconds used to get 409). The retry is held until it has, then takes its
+/// place and gets every byte. The retry is a raw client, which comes within a millisecond
+/// of the kill; a second curl comes at once too, after its own start.
+fn killed_waiting_receiver_retried_at_once_gets_its_place() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("retried-receiver");
+    let name = pipe_name("retried-receiver");
+    let url = server.pipe_url(&name, Some(2));
+    let path = format!("/api/v1/pipe/{name}?n=2");
+    let mut first = Receiver::spawn(&url, &dir, "first", &[]);
+    let mut other = Receiver::spawn(&url, &dir, "other", &[]);
+    settle();
+    first.kill();
+    drop(first.finish());
+    let mut retry = Raw::open(&server, &raw_head("GET", &path, &[]));
+    other.kill();
+    drop(other.finish());
+    let second = Receiver::spawn(&url, &dir, "second", &[]);
+    assert_waiting(&mut retry, "the raw retry, sent at once after the kill");
+    let (file, bytes) = dir.payload_file("body", 200_000, 86);
+    let sender = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    let head = retry.read_head();
+    assert_eq!(head.status, 200, "the raw retry's status");
+    let (body, end) = retry.read_body(&head);
+    assert!(end.complete, "the raw retry's body was cut: {end:?}");
+    assert_same_bytes("the raw retry", &bytes, &body);
+    second.finish().assert_got(&bytes);
+    sender.finish().assert_done(bytes.len() as u64, 2);
+}
+
+/// A waiting sender's curl killed and run again at once: its FIN is not seen until the
+/// server looks (a waiting sender is not read), and the newcomer makes it look at once;
+/// the retry is held until the old one is found gone, then is the sender.
+fn killed_waiting_sender_retried_at_once_is_the_sender() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new("retried-sender");
+    let (file, bytes) = dir.payload_file("body", 200_000, 87);
+    let url = server.pipe_url(&pipe_name("retried-sender"), None);
+    let mut first = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    first.wait_registered();
+    first.kill();
+    drop(first.finish());
+    let mut second = Sender::spawn(&url, Upload::File(&file), &dir, &["-fsS"]);
+    let line = second.next_line();
+    assert_eq!(
+        line, "[INFO] waiting for 1 receiver(s), 0 here",
+        "the second sender, run at once after the first was killed"
+    );
+    let receiver = Receiver::spawn(&url, &dir, "receiver", &[]);
+    receiver.finish().assert_got(&bytes);
+    second.finish().assert_done(bytes.len() as u64, 1);
+}
+
 conformance! {
     one_receiver_gets_every_byte,
     three_receivers_get_every_byte,
@@ -608,4 +664,6 @@ conformance! {
     report_end_answers_the_sender_when_the_transfer_is_over,
     killed_waiting_sender_frees_its_name_at_once,
     killed_waiting_receiver_retried_gets_its_place,
+    killed_waiting_receiver_retried_at_once_gets_its_place,
+    killed_waiting_sender_retried_at_once_is_the_sender,
 }

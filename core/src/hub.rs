@@ -167,6 +167,11 @@ impl<H> Hub<H> {
     pub fn handle_event(&mut self, name: &str, id: PipeId, event: Event) -> bool {
         match event {
             Event::Left(role) => self.registry.leave(name, id, role),
+            Event::Refused(role, why) => {
+                tracing::info!(pipe = %name, status = why.status(), "refused: {why}");
+                self.metrics.reject(&why);
+                self.registry.leave(name, id, role)
+            }
             Event::Started => {
                 self.registry.start(name, id);
                 tracing::debug!(pipe = %name, "transfer started");
@@ -309,6 +314,29 @@ mod tests {
         assert!(hub.handle_event("x", id, Event::Left(Role::Receiver)));
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(hub.poll_shutdown(t1).phase, Phase::Done);
+    }
+
+    /// A newcomer the pipe held and then refused is counted and logged like one the
+    /// registry refused, and its count in the registry is released.
+    #[test]
+    fn a_refusal_by_the_pipe_is_counted_and_frees_what_the_registry_counted() {
+        let mut hub: Hub<()> = Hub::new(&Config::default());
+        let id = hub.admit(&request(GET), |_| ()).unwrap().id;
+        assert_eq!(hub.admit(&request(GET), |_| ()).unwrap().id, id, "held");
+        assert_eq!(
+            hub.admit(&request(GET), |_| ()).unwrap_err(),
+            Reject::ReceiversFull { n: 1 }
+        );
+        let why = Reject::ReceiversFull { n: 1 };
+        assert!(!hub.handle_event("x", id, Event::Refused(Role::Receiver, why)));
+        let page = hub.metrics_page(0);
+        assert!(
+            page.contains("fanpipe_rejections_total{status=\"409\"} 1"),
+            "{page}"
+        );
+        assert_eq!(hub.admit(&request(GET), |_| ()).unwrap().id, id);
+        assert!(!hub.handle_event("x", id, Event::Left(Role::Receiver)));
+        assert!(hub.handle_event("x", id, Event::Left(Role::Receiver)));
     }
 
     #[test]

@@ -25,7 +25,10 @@ pub fn shard_of(name: &str, shards: usize) -> usize {
 struct Entry<H> {
     id: PipeId,
     n: usize,
-    sender: bool,
+    /// Parties the pipe was sent, by role, less those it said left: the places taken,
+    /// and the newcomers it holds for a place whose party may have gone (at most one per
+    /// place).
+    senders: usize,
     receivers: usize,
     running: bool,
     handle: H,
@@ -151,7 +154,7 @@ impl<H> Registry<H> {
             let entry = Entry {
                 id,
                 n,
-                sender: false,
+                senders: 0,
                 receivers: 0,
                 running: false,
                 handle: make(id),
@@ -172,12 +175,19 @@ impl<H> Registry<H> {
                 asked: n,
             });
         }
-        match role {
-            Role::Sender if e.sender => return Err(Reject::SenderTaken),
-            Role::Sender => e.sender = true,
-            Role::Receiver if e.receivers >= e.n => return Err(Reject::ReceiversFull { n: e.n }),
-            Role::Receiver => e.receivers += 1,
+        // A newcomer for a place that is taken goes to the pipe all the same, which holds
+        // it while it looks whether the party there has gone (a client killed and run
+        // again at once), and seats it or refuses it with this same 409: only the pipe
+        // knows its parties' sockets. One newcomer per place at most: more could never
+        // be seated.
+        let (count, places, full) = match role {
+            Role::Sender => (&mut e.senders, 1, Reject::SenderTaken),
+            Role::Receiver => (&mut e.receivers, e.n, Reject::ReceiversFull { n: e.n }),
+        };
+        if *count >= places.saturating_mul(2) {
+            return Err(full);
         }
+        *count += 1;
         Ok(Admitted {
             id: e.id,
             handle: &e.handle,
@@ -185,16 +195,17 @@ impl<H> Registry<H> {
         })
     }
 
-    /// A waiting party left pipe `id`. Returns true if the pipe is now empty and gone.
+    /// A waiting party left pipe `id`, or a newcomer it held was refused. Returns true if
+    /// the pipe is now empty and gone.
     pub fn leave(&mut self, name: &str, id: PipeId, role: Role) -> bool {
         let Some(e) = self.pipes.get_mut(name).filter(|e| e.id == id) else {
             return true;
         };
         match role {
-            Role::Sender => e.sender = false,
+            Role::Sender => e.senders = e.senders.saturating_sub(1),
             Role::Receiver => e.receivers = e.receivers.saturating_sub(1),
         }
-        if !e.running && !e.sender && e.receivers == 0 {
+        if !e.running && e.senders == 0 && e.receivers == 0 {
             let opener = e.opener;
             self.pipes.remove(name);
             self.uncharge(opener);
@@ -248,7 +259,7 @@ impl<H> Registry<H> {
                 c.running_pipes += 1;
             } else {
                 c.waiting_pipes += 1;
-                c.waiting_parties += usize::from(e.sender) + e.receivers;
+                c.waiting_parties += e.senders + e.receivers;
             }
         }
         c
@@ -284,16 +295,34 @@ mod tests {
         let e = admit(&mut r, "a", Role::Sender, 2).unwrap_err();
         assert_eq!(e.to_string(), "this pipe expects n=3, you asked n=2");
         assert_eq!(admit(&mut r, "a", Role::Sender, 3), Ok(id));
-        assert_eq!(
-            admit(&mut r, "a", Role::Sender, 3),
-            Err(Reject::SenderTaken)
-        );
         assert_eq!(admit(&mut r, "a", Role::Receiver, 3), Ok(id));
         assert_eq!(admit(&mut r, "a", Role::Receiver, 3), Ok(id));
+    }
+
+    #[test]
+    fn a_newcomer_for_a_taken_place_goes_to_the_pipe_one_per_place() {
+        let mut r = Registry::default();
+        let id = admit(&mut r, "a", Role::Sender, 2).unwrap();
+        // The pipe holds it while it looks at the sender there, and decides.
+        assert_eq!(admit(&mut r, "a", Role::Sender, 2), Ok(id));
         assert_eq!(
-            admit(&mut r, "a", Role::Receiver, 3),
-            Err(Reject::ReceiversFull { n: 3 })
+            admit(&mut r, "a", Role::Sender, 2),
+            Err(Reject::SenderTaken),
+            "one newcomer per place: a second could never be seated"
         );
+        for _ in 0..4 {
+            assert_eq!(admit(&mut r, "a", Role::Receiver, 2), Ok(id));
+        }
+        let e = admit(&mut r, "a", Role::Receiver, 2).unwrap_err();
+        assert_eq!(e, Reject::ReceiversFull { n: 2 });
+        assert_eq!(e.status(), 409);
+        // The pipe refused the held sender (its sender is there): a place for one again.
+        assert!(!r.leave("a", id, Role::Sender));
+        assert_eq!(admit(&mut r, "a", Role::Sender, 2), Ok(id));
+        assert_eq!(r.counts().waiting_parties, 6);
+        // A running pipe is sent no one.
+        r.start("a", id);
+        assert_eq!(admit(&mut r, "a", Role::Receiver, 2), Err(Reject::Busy));
     }
 
     #[test]

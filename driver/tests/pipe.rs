@@ -1027,13 +1027,124 @@ fn a_waiting_receiver_that_closed_is_written_to_again_soon() {
     sim.run(&[]);
     assert_eq!(sim.text(r), "HTTP/1.1 102 Processing\r\n\r\n");
     assert_eq!(sim.deadline(), sim.now() + REPROBE);
-    // Still there after the second write: it is probed at the usual pace again.
     sim.until_next_deadline();
     assert_eq!(
         sim.text(r),
         "HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
     );
-    assert_eq!(sim.deadline(), sim.now() + Config::default().probe_interval);
+    // The second write went through; the kernel is asked REPROBE later whether the
+    // probes drew a reset (the verdict a held newcomer waits for).
+    assert_eq!(sim.deadline(), sim.now() + REPROBE);
+    assert_eq!(sim.client(r, |c| c.checks), 0);
+    sim.until_next_deadline();
+    assert_eq!(sim.client(r, |c| c.checks), 1);
+    // Still there: it is probed at the usual pace again.
+    let interval = Config::default().probe_interval;
+    assert_eq!(sim.deadline(), sim.now() + interval - REPROBE);
     assert!(!sim.closed(r));
     assert!(sim.events.is_empty());
+}
+
+/// `curl -T file URL` killed while it waits and run again at once: the second sender
+/// reaches the pipe (the registry sends a newcomer for a taken place), the waiting
+/// sender is written a heartbeat line at once rather than at its next heartbeat (its
+/// socket still looks open: the rest of its body holds its FIN back), and the reset that
+/// answers the line frees the place for the second, which got nothing while held.
+#[test]
+fn a_sender_retried_at_once_takes_the_place_of_one_killed_while_waiting() {
+    let mut sim = Sim::new(1, 4096, 1000);
+    let old = sim.sender(1, b"abc", false);
+    sim.run(&[]);
+    let new = sim.sender(1, b"xyz", false);
+    sim.run(&[]);
+    assert_eq!(sim.client(old, |c| c.checks), 0);
+    assert!(
+        sim.text(old).contains("[INFO] still waiting"),
+        "written at once"
+    );
+    assert_eq!(sim.text(new), "", "held: told nothing yet");
+    assert!(sim.events.is_empty());
+    sim.net.borrow_mut().clients[old].peer = PeerState::Reset;
+    assert_eq!(sim.deadline(), sim.now() + REPROBE);
+    sim.until_next_deadline();
+    assert_eq!(sim.events, [Event::Left(Role::Sender)]);
+    assert!(sim.closed(old));
+    assert!(
+        sim.text(new)
+            .contains("[INFO] waiting for 1 receiver(s), 0 here"),
+        "{}",
+        sim.text(new)
+    );
+    let r = sim.receiver(1);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(r), b"xyz");
+}
+
+/// The registry and the pipe agree on a held newcomer: the hub sends it to the pipe for
+/// a place whose receiver may have gone, counts it until the pipe says, and the place is
+/// the newcomer's once the old receiver's probe fails; a newcomer for a place whose
+/// receiver is there gets the registry's 409 from the pipe, counted in `/metrics`.
+#[test]
+fn the_registry_and_the_pipe_agree_on_held_newcomers() {
+    let server: ServerState<()> = ServerState::new(Config::default());
+    let get = b"GET /x?n=1 HTTP/1.1\r\nHost: h\r\n\r\n";
+    let mut params = None;
+    let admit = |server: &ServerState<()>, params: &mut Option<PipeParams>| {
+        server
+            .hub()
+            .admit(&request(get), |p| *params = Some(p))
+            .map(|a| a.new)
+    };
+    assert_eq!(admit(&server, &mut params), Ok(true));
+    let mut sim = Sim::new(1, 4096, 1000);
+    sim.task = PipeTask::new(
+        params.take().unwrap(),
+        &server.config,
+        Clock(sim.net.clone()),
+    );
+    let report = |sim: &mut Sim| {
+        for event in std::mem::take(&mut sim.events) {
+            server.hub().handle_event("x", 1, event);
+        }
+    };
+    let old = sim.admit(request(get), Vec::new());
+    sim.run(&[]);
+    // Killed: its FIN is read and it is probed.
+    sim.net.borrow_mut().clients[old].eof = true;
+    sim.run(&[]);
+    assert_eq!(admit(&server, &mut params), Ok(false), "sent to the pipe");
+    let new = sim.admit(request(get), Vec::new());
+    sim.run(&[]);
+    assert_eq!(sim.text(new), "");
+    // The first probe drew its reset; the second write fails.
+    sim.net.borrow_mut().clients[old].dead = true;
+    sim.until_next_deadline();
+    assert_eq!(sim.events, [Event::Left(Role::Receiver)]);
+    report(&mut sim);
+    // A third receiver: its place is taken by one that is there.
+    assert_eq!(admit(&server, &mut params), Ok(false));
+    let third = sim.admit(request(get), Vec::new());
+    sim.run(&[]);
+    assert_eq!(
+        sim.events,
+        [Event::Refused(
+            Role::Receiver,
+            fanpipe_core::Reject::ReceiversFull { n: 1 }
+        )]
+    );
+    report(&mut sim);
+    assert!(sim.text(third).starts_with("HTTP/1.1 409 Conflict\r\n"));
+    let metrics = server.hub().metrics_page(0);
+    assert!(
+        metrics.contains("fanpipe_rejections_total{status=\"409\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fanpipe_waiting_parties 1\n"), "{metrics}");
+    // The newcomer got the place: the transfer runs with it.
+    let s = sim.sender(1, b"abc", false);
+    sim.run(&[]);
+    assert_eq!(sim.body_of(new), b"abc");
+    assert!(sim
+        .text(s)
+        .contains("[INFO] done: 3 bytes to 1 of 1 receivers"));
 }

@@ -342,3 +342,55 @@ fn a_failed_accept_is_retried_after_the_backoff() {
     w.advance(Duration::from_millis(1));
     assert!(matches!(w.client(r).stage, Stage::Party(_)));
 }
+
+/// A receiver killed while it waits (its FIN, then a reset for the probe it is sent) and
+/// run again at once: the newcomer is not refused, though the registry still counts the
+/// old one; it is held until the old one's probe fails, then gets the transfer. Through
+/// the accept loop, the registry, the hub and the pipe's task.
+#[test]
+fn a_receiver_retried_at_once_gets_the_place_of_one_killed_while_waiting() {
+    let mut w = World::new(Config::default());
+    let old = w.add(&plain(Role::Receiver, 1, 0));
+    arrive(&mut w, old, true);
+    w.half_close(old);
+    w.run();
+    let new = w.add(&plain(Role::Receiver, 1, 0));
+    arrive(&mut w, new, true);
+    assert_eq!(w.client(new).resp.status, None, "held, not refused");
+    // The probe's reset: its next write fails.
+    w.reset(old);
+    w.advance(fanpipe_core::pipe::REPROBE);
+    let s = w.add(&plain(Role::Sender, 1, 5000));
+    arrive(&mut w, s, true);
+    w.finish();
+    w.check().unwrap();
+    assert_eq!(w.client(new).resp.status, Some(200));
+    assert_eq!(w.client(new).resp.body, w.client(s).body().unwrap());
+    assert!(w.client(s).resp.complete);
+}
+
+/// A second receiver for the place of one that half-closed and is there gets the 409 it
+/// would have had, once the probe says so, and the transfer goes on with the first.
+#[test]
+fn a_newcomer_for_the_place_of_a_half_closed_receiver_gets_409_after_the_probe() {
+    let mut w = World::new(Config::default());
+    let old = w.add(&plain(Role::Receiver, 1, 0));
+    arrive(&mut w, old, true);
+    w.half_close(old);
+    w.run();
+    let new = w.add(&plain(Role::Receiver, 1, 0));
+    arrive(&mut w, new, true);
+    assert_eq!(
+        w.client(new).resp.status,
+        None,
+        "held while the probe is out"
+    );
+    w.advance(2 * fanpipe_core::pipe::REPROBE);
+    assert_eq!(w.client(new).resp.status, Some(409));
+    let s = w.add(&plain(Role::Sender, 1, 5000));
+    arrive(&mut w, s, true);
+    w.finish();
+    w.check().unwrap();
+    assert_eq!(w.client(old).resp.body, w.client(s).body().unwrap());
+    assert!(w.client(s).resp.complete);
+}

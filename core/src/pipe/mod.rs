@@ -32,8 +32,12 @@ pub type PartyId = usize;
 /// What the pipe tells its backend besides bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A waiting party left: release its place in the registry.
+    /// A waiting (or held) party left: release its place in the registry.
     Left(Role),
+    /// A newcomer the registry sent for a place another party held was refused after
+    /// all (that party is still there, or the transfer started): release what the
+    /// registry counted for it, and count the refusal.
+    Refused(Role, Reject),
     /// The transfer started: the name is busy.
     Started,
     /// The transfer ended: the name is free; log the summary.
@@ -105,6 +109,12 @@ const DRAIN_READ: usize = 1024;
 /// Where a party is in its life. Each state holds what only it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// Sent by the registry for a place another party holds, while the pipe looks whether
+    /// that party is still there: nothing is written to it and it is not read (a sender
+    /// gets no `100 Continue`). It takes the first place that frees, or is refused as the
+    /// registry would have refused it once no party of its role is in doubt, or at
+    /// `until` ([`HOLD`]).
+    Held { until: Instant },
     /// Admitted; waits for the transfer to start until `until`. `probe_at`: when to
     /// write to it next to learn whether it is still there (a receiver that half-closed,
     /// a sender's heartbeat).
@@ -155,6 +165,12 @@ pub enum PeerState {
 /// How soon a waiting party is written to again after its side was seen closed: on a
 /// client that has gone, the first write draws a reset and the next one fails.
 pub const REPROBE: Duration = Duration::from_millis(10);
+
+/// How long a newcomer is held, at most, for a place another party holds ([`State::Held`]).
+/// The verdict on a party that may have gone comes [`REPROBE`] after its probe, and its
+/// FIN is seen at once when the newcomer comes; this only bounds a client that does not
+/// read its probe.
+pub const HOLD: Duration = Duration::from_secs(1);
 
 /// A receiver's place in the transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +224,13 @@ struct Party {
     /// The client has ended its side of the connection.
     eof: bool,
     hold: Option<Hold>,
+    /// A waiting party whose side was seen closed and that was just probed: whether it
+    /// has gone is known at its next check, [`REPROBE`] later. Until then a newcomer for
+    /// its place is held rather than refused, and the transfer does not start (with a
+    /// receiver that has gone, or a sender that cannot send).
+    suspect: bool,
+    /// The body bytes read with a held sender's head, until it takes the place.
+    leftover: Vec<u8>,
 }
 
 impl Party {
@@ -217,6 +240,18 @@ impl Party {
 
     fn is_waiting(&self) -> bool {
         matches!(self.state, State::Waiting { .. })
+    }
+
+    fn is_held(&self) -> bool {
+        matches!(self.state, State::Held { .. })
+    }
+
+    /// A waiting party whose verdict is pending: it was probed, or is to be checked now.
+    fn in_doubt(&self) -> bool {
+        match self.state {
+            State::Waiting { check, .. } => self.suspect || matches!(check, Check::Due { .. }),
+            _ => false,
+        }
     }
 
     fn flushed(&self) -> bool {
@@ -298,34 +333,55 @@ impl Pipe {
         }
     }
 
-    /// A party the registry admitted joins.
+    /// A party the registry admitted joins. It takes a free place of its role, or, when
+    /// none is free, is held ([`State::Held`]) while the parties holding the places are
+    /// looked at: the registry sends a newcomer here rather than refuse it, since only the
+    /// pipe can tell a party that has just gone (a curl killed and run again at once)
+    /// from one that is there.
     pub fn join(&mut self, pipe_request: PipeRequest, role: Role, now: Instant) -> PartyId {
         let id = self.parties.len();
         let PipeRequest {
             request, leftover, ..
         } = pipe_request;
-        // A waiting sender is not read: its heartbeat and its socket's state tell whether it
-        // has gone.
-        let sender = role == Role::Sender;
-        let mut party = Party {
+        self.parties.push(Party {
             role,
             request,
-            state: State::Waiting {
-                until: now + self.config.wait_timeout,
-                probe_at: sender.then(|| now + self.config.heartbeat_interval),
-                check: if sender {
-                    Check::At {
-                        at: now + self.config.peer_check_interval,
-                        probed: false,
-                    }
-                } else {
-                    Check::Off
-                },
-            },
+            state: State::Held { until: now + HOLD },
             out: Vec::new(),
             out_pos: 0,
             eof: false,
             hold: None,
+            suspect: false,
+            leftover,
+        });
+        if self.stage == Stage::Waiting && !self.has_place(role) {
+            self.contest(role, now);
+        }
+        self.settle(now);
+        self.watch_sync(now);
+        id
+    }
+
+    /// A held party takes a free place: it waits for the transfer from now on, and is
+    /// told (a sender gets its go-ahead and its head) as if it had just come.
+    fn seat(&mut self, p: PartyId, now: Instant) {
+        let party = &mut self.parties[p];
+        let role = party.role;
+        let leftover = std::mem::take(&mut party.leftover);
+        // A waiting sender is not read: its heartbeat and its socket's state tell whether it
+        // has gone.
+        let sender = role == Role::Sender;
+        party.state = State::Waiting {
+            until: now + self.config.wait_timeout,
+            probe_at: sender.then(|| now + self.config.heartbeat_interval),
+            check: if sender {
+                Check::At {
+                    at: now + self.config.peer_check_interval,
+                    probed: false,
+                }
+            } else {
+                Check::Off
+            },
         };
         match role {
             Role::Sender => {
@@ -345,8 +401,7 @@ impl Pipe {
                     Report::End => party.hold = Some(Hold::End { upto }),
                 }
                 self.leftover = leftover;
-                self.sender = Some(id);
-                self.parties.push(party);
+                self.sender = Some(p);
                 let here = self.waiting_receivers();
                 self.say(&format!(
                     "[INFO] waiting for {} receiver(s), {here} here",
@@ -354,16 +409,103 @@ impl Pipe {
                 ));
             }
             Role::Receiver => {
-                self.parties.push(party);
                 if self.sender.is_some() {
                     let here = self.waiting_receivers();
                     self.say(&format!("[INFO] receiver {here} of {} joined", self.n));
                 }
             }
         }
+    }
+
+    /// Whether a newcomer of `role` would find a place free now.
+    fn has_place(&self, role: Role) -> bool {
+        match role {
+            Role::Sender => self.sender.is_none(),
+            Role::Receiver => self.waiting_receivers() < self.n,
+        }
+    }
+
+    /// A newcomer of `role` found no place free: each waiting party of that role not
+    /// already in doubt is looked at now, since a client that has just gone may not be
+    /// known yet. A waiting sender is written a heartbeat line at once and is in doubt
+    /// until its check [`REPROBE`] later: it is not read, and a sender killed with its
+    /// body still in its kernel's buffers (more than the server's socket takes while it
+    /// waits) sends no FIN until that body is taken, so its socket looks open; but a
+    /// client that has gone answers the write with a reset. One whose line cannot be
+    /// written yet (its head is held) is asked about at once. A receiver is read, so
+    /// its FIN reaches the kernel: its socket's state is asked at once (its next read
+    /// may not have come yet), and one that half-closed is probed again.
+    fn contest(&mut self, role: Role, now: Instant) {
+        for p in 0..self.parties.len() {
+            let party = &mut self.parties[p];
+            if party.role != role || party.suspect {
+                continue;
+            }
+            let writable = party.hold.is_none();
+            let State::Waiting { until, check, .. } = &mut party.state else {
+                continue;
+            };
+            if role == Role::Sender && writable {
+                let until = *until;
+                self.suspect(p, until, now);
+            } else if !matches!(check, Check::Due { .. }) {
+                *check = Check::Due { probed: false };
+            }
+        }
+    }
+
+    /// Decides the held parties, in the order they came: each takes a free place, or
+    /// waits while a party of its role is in doubt, or is refused with the `409` the
+    /// registry would have given (the transfer started, or every place is held by a
+    /// party that is there). Then the transfer starts if it can.
+    fn settle(&mut self, now: Instant) {
+        if self.parties.iter().any(Party::is_held) {
+            let mut seated = false;
+            for p in 0..self.parties.len() {
+                if !self.parties[p].is_held() {
+                    continue;
+                }
+                let role = self.parties[p].role;
+                if self.stage == Stage::Waiting && self.has_place(role) {
+                    self.seat(p, now);
+                    seated = true;
+                } else if self.stage != Stage::Waiting || !self.in_doubt(role) {
+                    self.refuse(p, self.full(role), now);
+                }
+            }
+            if seated {
+                // Watchers see the pipe's parties, which held ones were not.
+                self.watch_sync(now);
+            }
+        }
+        let waiting = self.stage == Stage::Waiting;
         self.try_start(now);
-        self.watch_sync(now);
-        id
+        if waiting && self.stage != Stage::Waiting {
+            self.watch_sync(now);
+        }
+    }
+
+    /// Whether a waiting party of `role` is in doubt ([`Party::in_doubt`]).
+    fn in_doubt(&self, role: Role) -> bool {
+        self.parties.iter().any(|x| x.role == role && x.in_doubt())
+    }
+
+    /// Why a newcomer of `role` finds no place: the registry's words for it.
+    fn full(&self, role: Role) -> Reject {
+        match role {
+            Role::Sender => Reject::SenderTaken,
+            Role::Receiver => Reject::ReceiversFull { n: self.n },
+        }
+    }
+
+    /// A held party is refused, as the registry refuses (the response, then a linger
+    /// that reads and drops what it still sends), and its count in the registry freed.
+    fn refuse(&mut self, p: PartyId, why: Reject, now: Instant) {
+        let party = &mut self.parties[p];
+        party.leftover = Vec::new();
+        response::reject(&mut party.out, &why, false);
+        self.events.push_back(Event::Refused(party.role, why));
+        self.close_politely(p, now);
     }
 
     /// How many parties have joined (ids are `0..parties()`).
@@ -409,9 +551,12 @@ impl Pipe {
         })
     }
 
-    /// What the kernel says of a waiting sender's side of its connection. A reset frees
-    /// its place at once; a FIN draws a heartbeat line, since a half-closed sender may
-    /// still read its answer while one that has gone answers the write with a reset.
+    /// What the kernel says of a waiting party's side of its connection. A reset frees
+    /// its place at once. A FIN (or a receiver's end of stream) draws a write, a heartbeat
+    /// line or a probe, since a half-closed client may still read its answer while one
+    /// that has gone answers the write with a reset: the party is in doubt until the next
+    /// check, [`REPROBE`] later, says which. Then a party still there is kept, and held
+    /// newcomers for its place are refused.
     pub fn handle_peer(&mut self, p: PartyId, peer: PeerState, now: Instant) {
         let Some(party) = self.parties.get_mut(p) else {
             return;
@@ -424,20 +569,51 @@ impl Pipe {
         else {
             return;
         };
+        let role = party.role;
+        // A socket that cannot tell says `Open`; a receiver's own end of stream still does.
+        let closed = peer == PeerState::Closed || (role == Role::Receiver && party.eof);
+        // An HTTP/1.0 receiver cannot be probed (no interim responses): a close is its end.
+        let unprobeable = role == Role::Receiver && party.request.minor == 0;
+        if peer == PeerState::Reset || (closed && unprobeable) {
+            return self.handle_error(p, now);
+        }
         let writable = party.hold.is_none();
-        let (next, probed) = match peer {
-            PeerState::Reset => return self.handle_error(p, now),
-            PeerState::Open => (self.config.peer_check_interval, false),
-            PeerState::Closed if !probed && writable => {
-                self.probe(p, until, now, None);
-                (REPROBE, true)
+        if closed && !probed && writable {
+            self.suspect(p, until, now);
+        } else {
+            // The verdict, if it was in doubt: still there (or it cannot be told).
+            party.suspect = false;
+            let check = match role {
+                Role::Sender => Check::At {
+                    at: now + self.config.peer_check_interval,
+                    probed: probed && closed,
+                },
+                // A receiver is read: its end shows there, and it is asked only when in
+                // doubt or contested.
+                Role::Receiver => Check::Off,
+            };
+            if let State::Waiting { check: c, .. } = &mut party.state {
+                *c = check;
             }
-            PeerState::Closed => (self.config.peer_check_interval, probed),
-        };
-        if let State::Waiting { check, .. } = &mut self.parties[p].state {
+        }
+        self.settle(now);
+    }
+
+    /// A waiting party's side was seen closed: it is written to now, and is in doubt
+    /// until the check that gives the verdict. A sender's is [`REPROBE`] later (the kernel
+    /// says whether the write drew a reset). A receiver is written to again [`REPROBE`]
+    /// later, a write that fails if the first drew a reset (where the kernel cannot tell),
+    /// and its verdict comes [`REPROBE`] after that one.
+    fn suspect(&mut self, p: PartyId, until: Instant, now: Instant) {
+        let receiver = self.parties[p].role == Role::Receiver;
+        self.probe(p, until, now, receiver.then_some(REPROBE));
+        let party = &mut self.parties[p];
+        party.suspect = true;
+        let verdict = if receiver { 2 * REPROBE } else { REPROBE };
+        if let State::Waiting { check, .. } = &mut party.state {
             *check = Check::At {
-                at: now + next,
-                probed,
+                at: now + verdict,
+                probed: true,
             };
         }
     }
@@ -489,6 +665,7 @@ impl Pipe {
                     State::Closing { until, .. } | State::Flushing { until } => {
                         [Some(until), None, None]
                     }
+                    State::Held { until } => [Some(until), None, None],
                     State::Sending | State::Receiving(_) | State::Closed => [None, None, None],
                 };
                 [a, b, c, gap]
@@ -516,6 +693,10 @@ impl Pipe {
                     let secs = self.config.wait_timeout.as_secs();
                     self.give_up_waiting(p, &Reject::WaitTimeout { secs }, now);
                 }
+                State::Held { until } if until <= now => {
+                    let why = self.full(self.parties[p].role);
+                    self.refuse(p, why, now);
+                }
                 State::Waiting {
                     until,
                     probe_at: Some(at),
@@ -531,6 +712,8 @@ impl Pipe {
                 }
             }
         }
+        // A party gone at its timeout frees a place for a held one.
+        self.settle(now);
         if let (Stage::Running { .. }, Some(last)) = (self.stage, self.last_progress) {
             if now >= last + self.config.idle_timeout {
                 self.stalled(now);
@@ -594,6 +777,8 @@ impl Pipe {
         for p in 0..self.parties.len() {
             if self.parties[p].is_waiting() {
                 self.give_up_waiting(p, &Reject::ShuttingDown, now);
+            } else if self.parties[p].is_held() {
+                self.refuse(p, Reject::ShuttingDown, now);
             }
         }
         self.watch_sync(now);
@@ -663,11 +848,15 @@ impl Pipe {
             (Role::Receiver, State::Waiting { until, .. }) if n == 0 => {
                 party.eof = true;
                 if party.request.minor == 1 {
-                    // A half-close or a close? Only a write can tell: probe until it fails.
-                    self.probe(p, until, now, Some(REPROBE));
+                    // A half-close or a close? Only a write can tell: probe until it fails,
+                    // and ask the kernel after the first write whether it drew a reset.
+                    if !party.suspect {
+                        self.suspect(p, until, now);
+                    }
                 } else {
                     self.handle_error(p, now);
                 }
+                self.settle(now);
             }
             (Role::Receiver, _) if n == 0 => party.eof = true,
             _ => {}
@@ -730,9 +919,13 @@ impl Pipe {
                 self.ring_leave(feed.slot, now);
                 self.check_end(now);
             }
+            // A held party took no place, but the registry counts it until told.
+            (role, State::Held { .. }) => self.events.push_back(Event::Left(role)),
             (_, State::Sending) => self.fail(Outcome::SenderGone, now),
             (_, State::Closing { .. } | State::Flushing { .. } | State::Closed) => {}
         }
+        // Its place, or the doubt about it, goes to a held newcomer.
+        self.settle(now);
         self.watch_sync(now);
     }
 
@@ -851,6 +1044,12 @@ impl Pipe {
     fn try_start(&mut self, now: Instant) {
         let Some(s) = self.sender else { return };
         if self.stage != Stage::Waiting || self.waiting_receivers() != self.n {
+            return;
+        }
+        // Not with a party that may have gone (the transfer would fail for it), nor before
+        // a held newcomer is decided (it may be the one to take that party's place).
+        let undecided = |x: &Party| x.is_held() || (x.suspect && x.is_waiting());
+        if self.parties.iter().any(undecided) {
             return;
         }
         let framing = self.parties[s].request.framing;
@@ -1124,3 +1323,6 @@ impl Pipe {
         self.events.push_back(Event::Finished(summary));
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -169,8 +169,9 @@ impl World {
                     ));
                 }
                 if let Some(st) = resp.status {
-                    // 408/503: it gave up waiting just before the start.
-                    if ![200, 505, 408, 503].contains(&st) {
+                    // 408/503: it gave up waiting just before the start. 409: a newcomer
+                    // held for a place, refused, whose socket was not closed yet.
+                    if ![200, 505, 408, 503, 409].contains(&st) {
                         v.push(format!(
                             "pipe {s}: receiver {r} of the transfer got status {st}"
                         ));

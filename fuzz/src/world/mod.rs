@@ -431,7 +431,8 @@ impl World {
     /// What pipe `p` reported: the world notes it, then the hub handles it.
     fn report(&self, p: usize, name: &str, id: PipeId, event: Event) -> bool {
         let left = match &event {
-            Event::Left(role) => Some(*role),
+            Event::Left(role) => Some(format!("a waiting {role:?} left")),
+            Event::Refused(role, why) => Some(format!("a held {role:?} was refused: {why}")),
             _ => None,
         };
         self.observe(p, &event);
@@ -439,8 +440,8 @@ impl World {
         let mut net = self.net_mut();
         net.progress += 1;
         net.pipes[p].seen.gone |= gone;
-        if let Some(role) = left {
-            net.note(format!("pipe {p}: a waiting {role:?} left (gone {gone})"));
+        if let Some(what) = left {
+            net.note(format!("pipe {p}: {what} (gone {gone})"));
         }
         gone
     }
@@ -449,11 +450,24 @@ impl World {
         let mut net = self.net_mut();
         let net = &mut *net;
         match event {
-            Event::Left(_) => {}
+            // The sender that held the place left; a held one was refused.
+            Event::Left(Role::Sender) => {
+                net.pipes[p].seen.senders.pop_front();
+            }
+            Event::Refused(Role::Sender, _) => {
+                net.pipes[p].seen.senders.pop_back();
+            }
+            Event::Left(Role::Receiver) | Event::Refused(Role::Receiver, _) => {}
             Event::Started => {
                 let n = net.pipes[p].seen.n;
-                let (sender, sent, receivers) =
-                    net.pipes[p].seen.before_io.clone().unwrap_or_default();
+                let (senders, receivers) = net.pipes[p].seen.before_io.clone().unwrap_or_default();
+                // The sender that holds the place now (one that left in this turn has
+                // been reported already), with its bytes read before the turn.
+                let sender = net.pipes[p].seen.senders.front().copied();
+                let sent = senders
+                    .iter()
+                    .find(|&&(s, _)| Some(s) == sender)
+                    .map_or(0, |&(_, sent)| sent);
                 net.note(format!(
                     "pipe {p}: started, sender {sender:?}, receivers {receivers:?}"
                 ));

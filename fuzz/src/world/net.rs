@@ -32,6 +32,9 @@ pub struct PipeSlot {
     pub seen: Slot,
 }
 
+/// Clients of senders, each with the bytes it had sent.
+pub type SentBy = Vec<(usize, usize)>;
+
 /// What the world saw of one pipe: who arrived, when it started and ended.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -42,11 +45,13 @@ pub struct Slot {
     pub arrivals: Vec<(usize, Role)>,
     /// Arrivals the task took from its mailbox.
     pub joined: usize,
-    /// The client of the last sender the task took.
-    pub last_sender: Option<usize>,
-    /// Before the task's last turn of I/O: its sender, the sender's bytes read, and its
+    /// The clients of the senders the task took and that have not left nor been refused,
+    /// in the order they came: the first holds the place, a second may be held for it
+    /// (the pipe reports a left sender for the first, a refused one for the second).
+    pub senders: VecDeque<usize>,
+    /// Before the task's last turn of I/O: its senders with their bytes read, and its
     /// receivers still connected.
-    pub before_io: Option<(Option<usize>, usize, Vec<usize>)>,
+    pub before_io: Option<(SentBy, Vec<usize>)>,
     /// At the start: the sender and the receivers that were there.
     pub started: Option<(usize, Vec<usize>)>,
     pub summary: Option<Summary>,
@@ -149,14 +154,17 @@ impl Net {
                 let slot = &mut self.pipes[p].seen;
                 slot.joined += 1;
                 if a.1.role() == Role::Sender {
-                    slot.last_sender = Some(a.0.c);
+                    slot.senders.push_back(a.0.c);
                 }
             }
             Some(Msg::Phase(_)) => {}
             None => {
                 let slot = &self.pipes[p].seen;
-                let sender = slot.last_sender;
-                let sent = sender.map_or(0, |s| self.clients[s].sent);
+                let senders = slot
+                    .senders
+                    .iter()
+                    .map(|&s| (s, self.clients[s].sent))
+                    .collect();
                 let receivers = slot.arrivals[..slot.joined]
                     .iter()
                     .filter(|&&(c, role)| {
@@ -164,7 +172,7 @@ impl Net {
                     })
                     .map(|&(c, _)| c)
                     .collect();
-                self.pipes[p].seen.before_io = Some((sender, sent, receivers));
+                self.pipes[p].seen.before_io = Some((senders, receivers));
             }
         }
     }
