@@ -137,7 +137,7 @@ struct Setup<'a> {
     kind: Kind,
     upstreams: &'a [SocketAddr],
     tls: Option<&'a Tls>,
-    /// Extra environment (e.g. FANPIPE_PASS_EXPECT).
+    /// Extra environment for the configuration.
     env: &'a [(&'a str, &'a str)],
     /// FANPIPE_PROXY_TIMEOUT in seconds.
     timeout_secs: u64,
@@ -372,10 +372,25 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The fanpipe flags that go with `kind`'s configuration (docs/DEPLOY.md): the PROXY
+/// protocol from nginx's TCP proxy, `X-Forwarded-For` from the HTTP proxies, which reach
+/// fanpipe from 127.0.0.1.
+fn upstream_flags(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::NginxStream => &["--proxy-protocol"],
+        Kind::Haproxy | Kind::Nginx | Kind::Caddy => &["--trusted-proxy", "127.0.0.1/32"],
+    }
+}
+
+/// A fanpipe for `kind` to front: [`upstream_flags`] and `extra`.
+fn upstream_for(kind: Kind, extra: &[&str]) -> Server {
+    Server::start_plain(&[upstream_flags(kind), extra].concat())
+}
+
 /// A fanpipe with the test timeouts, and `kind` in front of it; `None` (after saying so)
 /// when the proxy cannot run here.
 fn behind(kind: Kind) -> Option<(Server, Proxy)> {
-    let server = Server::start_plain(&["--wait-timeout", &WAIT_TIMEOUT_SECS.to_string()]);
+    let server = upstream_for(kind, &["--wait-timeout", &WAIT_TIMEOUT_SECS.to_string()]);
     match Proxy::start(&Setup::plain(kind, &[server.addr()])) {
         Ok(proxy) => Some((server, proxy)),
         Err(why) => {
@@ -568,7 +583,7 @@ fn tls_transfer(kind: Kind) {
         Ok(tls) => tls,
         Err(why) => return skip(kind.name(), &why),
     };
-    let server = Server::start_plain(&[]);
+    let server = upstream_for(kind, &[]);
     let upstream = [server.addr()];
     let setup = Setup {
         kind,
@@ -592,6 +607,77 @@ fn tls_transfer(kind: Kind) {
     sender.finish().assert_done(bytes.len() as u64, 2);
 }
 
+/// Clients behind the proxy are counted as themselves, not all as the proxy: fanpipe runs
+/// with `--max-waiting-per-client 1` and learns each client's address from the proxy
+/// (`X-Forwarded-For` with `--trusted-proxy 127.0.0.1/32`, or the PROXY protocol for
+/// nginx's TCP proxy), and two curls come from different loopback addresses. Client A's
+/// waiting pipe leaves client B free to open one, while A's second pipe gets fanpipe's `429`.
+fn clients_are_counted_apart(kind: Kind) {
+    // The wait is bounded by fanpipe's --wait-timeout even if the test goes wrong; both it
+    // and the proxy's timeout leave room for the steps below on a busy machine.
+    let server = upstream_for(
+        kind,
+        &["--max-waiting-per-client", "1", "--wait-timeout", "20"],
+    );
+    let upstream = [server.addr()];
+    let setup = Setup {
+        timeout_secs: 30,
+        ..Setup::plain(kind, &upstream)
+    };
+    let proxy = match Proxy::start(&setup) {
+        Ok(proxy) => proxy,
+        Err(why) => return skip(kind.name(), &why),
+    };
+    // Linux routes all of 127/8 to the loopback interface: each address is a client.
+    let client_a: &[&str] = &["-k", "--interface", "127.0.0.2"];
+    let client_b: &[&str] = &["-k", "--interface", "127.0.0.3"];
+    let waiting = || metric_at(&proxy.url("/metrics"), "fanpipe_pipes{state=\"waiting\"}");
+    let dir = TempDir::new("proxy-clients");
+
+    let url_a = proxy.pipe_url(&pipe_name("client-a"), 1);
+    let receiver_a = Receiver::spawn(&url_a, &dir, "client-a", client_a);
+    wait_until("client A's pipe to wait", Duration::from_secs(10), || {
+        waiting() == 1
+    });
+
+    let url_b = proxy.pipe_url(&pipe_name("client-b"), 1);
+    let receiver_b = Receiver::spawn(&url_b, &dir, "client-b", client_b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting() < 2 {
+        if Instant::now() > deadline {
+            // Refused, B's curl has ended: say with what.
+            let got = receiver_b.finish();
+            panic!(
+                "client B's pipe is not waiting beside client A's (counted as one client?): \
+                 status {:?}, body {:?}",
+                got.head.as_ref().map(|h| h.status),
+                String::from_utf8_lossy(&got.body)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let url_a2 = proxy.pipe_url(&pipe_name("client-a-again"), 1);
+    let refused = request(&[client_a, &[url_a2.as_str()]].concat());
+    refused.assert_status_and_text(
+        429,
+        "pipes that are still waiting",
+        "client A's second waiting pipe",
+    );
+
+    // Both waiting pipes complete, each sender from its own client.
+    for (url, client, receiver, seed) in [
+        (&url_a, client_a, receiver_a, 170),
+        (&url_b, client_b, receiver_b, 171),
+    ] {
+        let bytes = payload(100 * KIB, seed);
+        let mut sender = Sender::spawn(url, Upload::Stdin, &dir, &[client, &["-f"]].concat());
+        sender.feed(bytes.clone());
+        receiver.finish().assert_got(&bytes);
+        sender.finish().assert_done(bytes.len() as u64, 1);
+    }
+}
+
 /// Instantiates each scenario once per proxy as `PROXY::SCENARIO`.
 macro_rules! through {
     ($module:ident, $kind:expr, [$($test:ident),* $(,)?]) => {
@@ -612,6 +698,7 @@ through!(
         first_bytes_arrive_before_the_sender_ends,
         large_upload_with_content_length,
         tls_transfer,
+        clients_are_counted_apart,
     ]
 );
 through!(
@@ -625,6 +712,7 @@ through!(
         first_bytes_arrive_before_the_sender_ends,
         large_upload_with_content_length,
         tls_transfer,
+        clients_are_counted_apart,
     ]
 );
 through!(
@@ -636,6 +724,7 @@ through!(
         first_bytes_arrive_before_the_sender_ends,
         large_upload_with_content_length,
         tls_transfer,
+        clients_are_counted_apart,
     ]
 );
 // nginx's HTTP proxy: every scenario but the large upload, which stalls (below).
@@ -649,6 +738,7 @@ through!(
         waiting_outlasts_the_proxy_idle_timeout,
         first_bytes_arrive_before_the_sender_ends,
         tls_transfer,
+        clients_are_counted_apart,
     ]
 );
 
@@ -695,25 +785,14 @@ fn nginx_large_upload_from_a_pipe() {
     sender.finish().assert_done(bytes.len() as u64, 1);
 }
 
-/// HAProxy with Expect: 100-continue passed on to fanpipe (FANPIPE_PASS_EXPECT, i.e.
-/// without the work-around of deploy/haproxy): HAProxy 2.6 ends the sender's response after
-/// what came in the read that held `100 Continue` and the `200` head, so the sender's curl
-/// would exit 0 at once with nothing delivered. fanpipe writes the `100` alone and its
-/// head only once the body starts.
+/// HAProxy passes Expect: 100-continue on to fanpipe (deploy/haproxy as shipped). HAProxy
+/// 2.6 ends the sender's response after what came in a read that held both `100 Continue`
+/// and the `200` head, so the sender's curl would exit 0 at once with nothing delivered;
+/// fanpipe writes the `100` alone and its head only once the body starts.
 #[test]
 fn haproxy_passing_expect_on() {
-    let server = Server::start_plain(&[]);
-    let upstream = [server.addr()];
-    let setup = Setup {
-        kind: Kind::Haproxy,
-        upstreams: &upstream,
-        tls: None,
-        env: &[("FANPIPE_PASS_EXPECT", "1")],
-        timeout_secs: PROXY_TIMEOUT_SECS,
-    };
-    let proxy = match Proxy::start(&setup) {
-        Ok(proxy) => proxy,
-        Err(why) => return skip("haproxy", &why),
+    let Some((_server, proxy)) = behind(Kind::Haproxy) else {
+        return;
     };
     let dir = TempDir::new("proxy-expect");
     let (file, bytes) = dir.payload_file("upload", 300 * KIB, 148);
@@ -745,7 +824,7 @@ struct Cluster {
 }
 
 fn cluster(extra: &[&str]) -> Option<Cluster> {
-    let servers: Vec<Server> = (0..3).map(|_| Server::start_plain(extra)).collect();
+    let servers: Vec<Server> = (0..3).map(|_| upstream_for(Kind::Haproxy, extra)).collect();
     let upstreams: Vec<SocketAddr> = servers.iter().map(Server::addr).collect();
     // Senders here pause for seconds mid-body while the test arranges the drain: the
     // proxy's silence timeout must outlast that, as it must outlast fanpipe's
@@ -765,7 +844,12 @@ fn cluster(extra: &[&str]) -> Option<Cluster> {
 
 /// A gauge or counter of an instance's /metrics (labels included in `name`).
 fn metric(server: &Server, name: &str) -> u64 {
-    let reply = get(&server.url("/metrics"));
+    metric_at(&server.url("/metrics"), name)
+}
+
+/// A gauge or counter of the /metrics at `url` (labels included in `name`).
+fn metric_at(url: &str, name: &str) -> u64 {
+    let reply = get(url);
     reply
         .text()
         .lines()
