@@ -127,7 +127,7 @@ struct Args {
     threads: Option<u64>,
     /// Seconds between the lines a waiting sender is sent: they find a sender that has
     /// gone, and keep a proxy in front from cutting a silent response (keep it below the
-    /// proxy's idle timeout).
+    /// proxy's idle timeout); watchers (`?progress`) get a keep-alive comment as often.
     #[arg(long, env = "FANPIPE_HEARTBEAT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
     heartbeat: u64,
     /// When a sender's response head is written, unless the sender says (`?report=`):

@@ -14,6 +14,10 @@
 //! - `done`: `{"outcome":"complete","bytes":B,"complete":k,"n":N,"seconds":S}`; the
 //!   stream ends.
 //!
+//! - a comment line (`: keep-alive`) every [`heartbeat_interval`](crate::Config) (20 s),
+//!   so that a proxy in front does not close a quiet stream (a
+//!   pipe that waits long, or a stalled transfer) as idle. `EventSource` ignores it.
+//!
 //! A watcher never slows the transfer: the pipe only marks what changed; a watcher's
 //! buffer is refilled with the latest state and progress once it has written what it
 //! had, so a slow watcher loses intermediate events and holds at most a few hundred
@@ -62,6 +66,8 @@ struct Watcher {
     progress_due: bool,
     /// It was told the transfer is sending.
     saw_sending: bool,
+    /// A keep-alive comment is due.
+    keep_alive_due: bool,
 }
 
 /// A pipe's watchers and the latest of what they are told.
@@ -74,6 +80,8 @@ pub(super) struct Watch {
     progress: String,
     /// When the next `progress` event is due.
     next_tick: Option<Instant>,
+    /// When the open watchers are next sent a keep-alive comment.
+    next_keep_alive: Option<Instant>,
     /// The pipe ended (a `done` event) or is gone (a last `state`): sent to everyone.
     last_words: Option<String>,
     /// The transfer ran: the `sending` state, for a watcher not told it yet (the
@@ -83,6 +91,9 @@ pub(super) struct Watch {
     now: Option<Instant>,
     scratch: Vec<u8>,
 }
+
+/// An event-stream comment: bytes on a quiet stream, and no event.
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 fn event(out: &mut Vec<u8>, kind: &str, data: &str) {
     let _ = write!(out, "event: {kind}\ndata: {data}\n\n");
@@ -132,6 +143,7 @@ impl Pipe {
             state_due: true,
             progress_due: false,
             saw_sending: false,
+            keep_alive_due: false,
         };
         let open = self
             .watch
@@ -205,6 +217,9 @@ impl Pipe {
                 if std::mem::take(&mut x.progress_due) && !progress.is_empty() {
                     event(&mut x.out, "progress", progress);
                 }
+                if std::mem::take(&mut x.keep_alive_due) && x.out.is_empty() {
+                    x.out.extend_from_slice(KEEP_ALIVE);
+                }
             }
         }
         &x.out[x.pos..]
@@ -266,14 +281,17 @@ impl Pipe {
         self.watch.watchers.iter().all(|x| x.life == Life::Closed)
     }
 
-    /// When the watchers need [`Pipe::handle_timeout`]: the next `progress`, or the end
-    /// of a flush.
+    /// When the watchers need [`Pipe::handle_timeout`]: the next `progress`, the next
+    /// keep-alive, or the end of a flush.
     pub(super) fn watch_timeout(&self) -> Option<Instant> {
         let flush = self.watch.watchers.iter().filter_map(|x| match x.life {
             Life::Flushing { until } => Some(until),
             _ => None,
         });
-        flush.chain(self.watch.next_tick).min()
+        flush
+            .chain(self.watch.next_tick)
+            .chain(self.watch.next_keep_alive)
+            .min()
     }
 
     /// Time passed: a `progress` event if one is due, flushes that took too long.
@@ -281,6 +299,12 @@ impl Pipe {
         for x in &mut self.watch.watchers {
             if matches!(x.life, Life::Flushing { until } if until <= now) {
                 x.life = Life::Closed;
+            }
+        }
+        if self.watch.next_keep_alive.is_some_and(|t| t <= now) {
+            self.watch.next_keep_alive = None;
+            for x in &mut self.watch.watchers {
+                x.keep_alive_due = x.life == Life::Open;
             }
         }
         if self.watch.next_tick.is_some_and(|t| t <= now) {
@@ -365,7 +389,12 @@ impl Pipe {
                 }
             }
             self.watch.next_tick = None;
+            self.watch.next_keep_alive = None;
             return;
+        }
+        let open = self.watch.watchers.iter().any(|x| x.life == Life::Open);
+        if open && self.watch.next_keep_alive.is_none() {
+            self.watch.next_keep_alive = Some(now + self.config.heartbeat_interval);
         }
         let state = self.state_data();
         if state != self.watch.state {
