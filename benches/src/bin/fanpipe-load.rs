@@ -634,6 +634,14 @@ fn compare(
     if let Some(ratio) = cpu_ratio {
         human.push_str(&format!("; CPU per run server/floor = {ratio:.3}"));
     }
+    // CPU seconds per GB delivered: comparable across scenarios and sizes, unlike per run.
+    let delivered_gb = (load.size * load.receivers as u64 * load.pipes as u64) as f64 / 1e9;
+    let per_gb = |cpu: Option<f64>| cpu.map(|c| c / delivered_gb);
+    if let (Some(s), Some(f)) = (per_gb(server.cpu), per_gb(floor.cpu)) {
+        human.push_str(&format!(
+            "; CPU per delivered GB server {s:.3} s, floor {f:.3} s"
+        ));
+    }
     human.push('\n');
     let mut j = Json::new();
     j.str("mode", "compare");
@@ -648,6 +656,9 @@ fn compare(
     j.opt("server_cpu_s", server.cpu);
     j.opt("floor_cpu_s", floor.cpu);
     j.opt("cpu_ratio", cpu_ratio);
+    j.opt("server_cpu_s_per_gb", per_gb(server.cpu));
+    j.opt("floor_cpu_s_per_gb", per_gb(floor.cpu));
+    j.opt("server_peak_rss_kib", server.peak_rss_kib.map(|k| k as f64));
     session.emit(&human, &j.finish());
 }
 
