@@ -8,8 +8,9 @@
 //! fanpipe runs one task per pipe. No HTTP: after the handshake and the hello, the
 //! sender's records are decrypted once into the window, and each receiver's session
 //! encrypts from the window straight into its records, as many as its socket takes per
-//! turn. The only thing done better than a straightforward server is reading the
-//! sender's ciphertext 256 KiB per system call, not a record at a time.
+//! turn. Done better than a straightforward server: the sender's ciphertext is read
+//! 256 KiB per system call, not a record at a time, and at most [`PULL_PER_TURN`] is
+//! decrypted before the receivers' turns, so that what is encrypted is still cached.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -26,6 +27,12 @@ pub const BUFFER_LIMIT: usize = 64 << 10;
 
 /// The sender's ciphertext read per system call.
 const READ_AHEAD: usize = 256 << 10;
+
+/// Plaintext decrypted into the window per turn before the receivers' turns, so each
+/// piece is encrypted n times while it is still in the cache. Reading until the window
+/// (1 MiB) was full instead cost 3.1-3.3 s of CPU for 6 GB at n = 30, against 1.7-2.1 s
+/// with 64, 128 or 256 KiB per turn (16 KiB: 2.1-2.2 s).
+const PULL_PER_TURN: u64 = 128 << 10;
 
 /// A client of the floor with its TLS session, the handshake done.
 pub struct TlsPeer {
@@ -80,11 +87,15 @@ enum Pulled {
 
 impl Sender {
     /// Decrypts into the window `ring` (`head` the next position, `tail` the slowest
-    /// receiver's) until the socket is empty or the window full.
+    /// receiver's) until the socket is empty, the window full, or [`PULL_PER_TURN`] in.
     fn pull(&mut self, ring: &mut [u8], head: &mut u64, tail: u64) -> Pulled {
         let cap = ring.len();
         let mut moved = false;
+        let stop = *head + PULL_PER_TURN;
         loop {
+            if *head >= stop {
+                return Pulled::Some(moved);
+            }
             let free = cap - (*head - tail) as usize;
             let at = (*head % cap as u64) as usize;
             let room = free.min(cap - at);
