@@ -1,5 +1,5 @@
 //! The load generator's clients: a receiver (GET, or a floor hello) and a sender (PUT, or a
-//! floor hello), on tokio sockets. Each reads into one reused buffer; the HTTP head and
+//! floor hello), on tokio sockets, over TLS when the target has it. Each reads into one reused buffer; the HTTP head and
 //! framing are skipped for the floor server, so both paths measure the same client code.
 
 use std::net::SocketAddr;
@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::error::ClientError;
 use crate::floor;
 use crate::http::{self, BodyKind, ChunkedDecoder, ResponseHead};
 use crate::payload::Payload;
+use crate::tls::TlsClient;
+use crate::tls_stream::ClientConn;
 
 /// How a client talks to its server.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub enum Proto {
 pub struct RecvSpec {
     pub addr: SocketAddr,
     pub proto: Proto,
+    /// TLS to the target, if it speaks it.
+    pub tls: Option<TlsClient>,
     /// Size of the reused read buffer.
     pub read_buf: usize,
     /// Compute the CRC-32 of the body (else only count bytes).
@@ -52,6 +55,8 @@ pub struct ReceiverOutcome {
 pub struct SendSpec {
     pub addr: SocketAddr,
     pub proto: Proto,
+    /// TLS to the target, if it speaks it.
+    pub tls: Option<TlsClient>,
     pub payload: Arc<Payload>,
     /// Seed of this pipe's stream in `payload`.
     pub seed: u64,
@@ -100,10 +105,10 @@ async fn receive_into(
         Proto::Floor { group, n } => floor::hello(floor::Role::Receiver, *group, *n).to_vec(),
     };
     let connected = async {
-        let mut stream = TcpStream::connect(spec.addr)
-            .await
-            .map_err(ClientError::Connect)?;
+        let mut stream = ClientConn::connect(spec.addr, spec.tls.as_ref(), false).await?;
         stream.write_all(&request).await.map_err(ClientError::Io)?;
+        // Out now: a TLS stream holds the record until flushed.
+        stream.flush().await.map_err(ClientError::Io)?;
         Ok(stream)
     }
     .await;
@@ -196,11 +201,7 @@ pub async fn send(
         }
     }
     let connected = if all_ready {
-        Some(
-            TcpStream::connect(spec.addr)
-                .await
-                .map_err(ClientError::Connect),
-        )
+        Some(ClientConn::connect(spec.addr, spec.tls.as_ref(), true).await)
     } else {
         None
     };
@@ -220,15 +221,33 @@ pub async fn send(
 }
 
 async fn send_on(
-    stream: TcpStream,
+    stream: ClientConn,
     spec: &SendSpec,
     progress: &AtomicU64,
     out: &mut SenderOutcome,
 ) -> Result<(), ClientError> {
-    stream.set_nodelay(true).map_err(ClientError::Io)?;
-    let (mut rd, mut wr) = stream.into_split();
     out.started_at = Some(Instant::now());
+    match stream {
+        ClientConn::Plain(tcp) => {
+            let (rd, wr) = tcp.into_split();
+            exchange(rd, wr, spec, progress, out).await
+        }
+        // One session, read and written by the same task: the split's lock never waits.
+        tls @ ClientConn::Tls(_) => {
+            let (rd, wr) = tokio::io::split(tls);
+            exchange(rd, wr, spec, progress, out).await
+        }
+    }
+}
 
+/// Uploads the body on `wr` while reading the server's answer on `rd`.
+async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut rd: R,
+    mut wr: W,
+    spec: &SendSpec,
+    progress: &AtomicU64,
+    out: &mut SenderOutcome,
+) -> Result<(), ClientError> {
     let writer = write_request(spec, &mut wr, progress);
     let reader = read_sender_response(&spec.proto, &mut rd);
     tokio::pin!(writer, reader);

@@ -8,6 +8,9 @@ use std::io;
 pub enum ClientError {
     /// The TCP connection could not be made.
     Connect(io::Error),
+    /// The TLS handshake failed (a certificate not trusted, a name that does not match,
+    /// no common version or cipher suite, or the server spoke plain HTTP).
+    Handshake(io::Error),
     /// A read or write on the established connection failed.
     Io(io::Error),
     /// The connection ended before a whole response head arrived.
@@ -36,6 +39,7 @@ impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientError::Connect(e) => write!(f, "connect failed: {e}"),
+            ClientError::Handshake(e) => write!(f, "TLS handshake failed: {e}"),
             ClientError::Io(e) => write!(f, "i/o error: {e}"),
             ClientError::NoResponse => write!(f, "connection ended before a response head"),
             ClientError::NotSent => write!(

@@ -5,15 +5,21 @@
 //! into a window of 1 MiB (fanpipe's default buffer) and writes them to the `n` receiver
 //! sockets, all non-blocking under one `poll(2)`, then closes them all once the sender's
 //! EOF reached every receiver. Whatever a real pipe server adds (HTTP, framing, a
-//! runtime, buffering policy) shows as the distance from this floor.
+//! runtime, buffering policy) shows as the distance from this floor. With `tls` every
+//! client speaks TLS first and the fan-out is `floor_tls`'s: the floor for HTTPS.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
+
+use rustls::ServerConfig;
+
+use crate::floor_tls::{self, TlsPeer};
+use crate::tls::Pki;
 
 const MAGIC: [u8; 4] = *b"FLR1";
 /// Length of the hello a floor client sends first.
@@ -67,32 +73,55 @@ pub struct FloorConfig {
     pub nodelay: bool,
     /// Move bytes with splice and tee instead of read and write (see `floor_tee`).
     pub tee: bool,
+    /// Speak TLS to every client (see `floor_tls`), with a certificate made at start
+    /// whose CA the server prints after its port.
+    pub tls: bool,
+}
+
+/// An accepted client, its hello read: its socket, and its session if it speaks TLS.
+struct Peer {
+    sock: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
 }
 
 #[derive(Default)]
 struct Group {
     n: u32,
-    receivers: Vec<TcpStream>,
-    sender: Option<TcpStream>,
+    receivers: Vec<Peer>,
+    sender: Option<Peer>,
 }
 
 /// Listens on `listen`, prints the bound port on stdout, and fans out groups until stdin
 /// closes (the parent went away) or the listener fails.
+/// With TLS, the CA of its certificate follows the port, as PEM.
 pub fn serve(listen: &str, config: FloorConfig) -> io::Result<()> {
+    let tls = match config.tls {
+        false => None,
+        true => {
+            let pki = Pki::generate().map_err(io::Error::other)?;
+            let server = crate::tls::server_config(pki.cert_pem.as_bytes(), pki.key_pem.as_bytes())
+                .map_err(io::Error::other)?;
+            Some((server, pki.ca_pem))
+        }
+    };
     let listener = TcpListener::bind(listen)?;
     // A deep accept queue, so a burst of a thousand connects is not dropped and retried.
     // SAFETY: listen() on our own listening socket only changes its backlog.
     unsafe { libc::listen(listener.as_raw_fd(), 4096) };
     let mut stdout = io::stdout();
     writeln!(stdout, "{}", listener.local_addr()?.port())?;
+    if let Some((_, ca_pem)) = &tls {
+        write!(stdout, "{ca_pem}")?;
+    }
     stdout.flush()?;
+    let tls: Option<Arc<ServerConfig>> = tls.map(|(server, _)| server);
     std::thread::spawn(|| {
         // The parent holds our stdin: its end is our end, so no floor server outlives a run.
         let mut sink = Vec::new();
         let _ = io::stdin().read_to_end(&mut sink);
         std::process::exit(0);
     });
-    let (hellos_tx, hellos) = mpsc::channel::<(Role, u64, u32, TcpStream)>();
+    let (hellos_tx, hellos) = mpsc::channel::<(Role, u64, u32, Peer)>();
     std::thread::spawn(move || group_up(hellos, config));
     for conn in listener.incoming() {
         let mut conn = match conn {
@@ -104,16 +133,33 @@ pub fn serve(listen: &str, config: FloorConfig) -> io::Result<()> {
                 continue;
             }
         };
-        // A sender may connect well before it says hello: wait for it on a thread of its own.
+        // A sender may connect well before it says hello: wait for it on a thread of its
+        // own (which also runs the TLS handshake).
         let hellos_tx = hellos_tx.clone();
+        let tls = tls.clone();
         std::thread::spawn(move || {
-            let mut bytes = [0u8; HELLO_LEN];
-            match conn
-                .read_exact(&mut bytes)
-                .and_then(|()| parse_hello(&bytes))
-            {
-                Ok((role, id, n)) => {
-                    let _ = hellos_tx.send((role, id, n, conn));
+            let hello = match &tls {
+                None => {
+                    let mut bytes = [0u8; HELLO_LEN];
+                    conn.read_exact(&mut bytes).map(|()| {
+                        let peer = Peer {
+                            sock: conn,
+                            tls: None,
+                        };
+                        (peer, bytes)
+                    })
+                }
+                Some(server) => floor_tls::accept(conn, server).map(|(peer, bytes)| {
+                    let peer = Peer {
+                        sock: peer.sock,
+                        tls: Some(peer.conn),
+                    };
+                    (peer, bytes)
+                }),
+            };
+            match hello.and_then(|(peer, bytes)| Ok((parse_hello(&bytes)?, peer))) {
+                Ok(((role, id, n), peer)) => {
+                    let _ = hellos_tx.send((role, id, n, peer));
                 }
                 Err(e) => eprintln!("floor-server: bad hello: {e}"),
             }
@@ -123,7 +169,7 @@ pub fn serve(listen: &str, config: FloorConfig) -> io::Result<()> {
 }
 
 /// Collects the clients of each group and starts its fan-out when it is complete.
-fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, TcpStream)>, config: FloorConfig) {
+fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, Peer)>, config: FloorConfig) {
     let mut groups: HashMap<u64, Group> = HashMap::new();
     for (role, id, n, conn) in hellos {
         let group = groups.entry(id).or_insert_with(|| Group {
@@ -133,7 +179,7 @@ fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, TcpStream)>, config: FloorCo
         match role {
             Role::Receiver => {
                 if config.nodelay {
-                    let _ = conn.set_nodelay(true);
+                    let _ = conn.sock.set_nodelay(true);
                 }
                 group.receivers.push(conn);
             }
@@ -147,10 +193,25 @@ fn group_up(hellos: mpsc::Receiver<(Role, u64, u32, TcpStream)>, config: FloorCo
             }) = groups.remove(&id)
             {
                 let block = config.block;
-                if config.tee {
-                    std::thread::spawn(move || crate::floor_tee::fan_out(sender, receivers, block));
+                if config.tls {
+                    let tls = |p: Peer| p.tls.map(|conn| TlsPeer { sock: p.sock, conn });
+                    // Every client of a TLS floor has its session.
+                    if let (Some(sender), Some(receivers)) = (
+                        tls(sender),
+                        receivers.into_iter().map(tls).collect::<Option<Vec<_>>>(),
+                    ) {
+                        std::thread::spawn(move || floor_tls::fan_out(sender, receivers, block));
+                    }
                 } else {
-                    std::thread::spawn(move || fan_out(sender, receivers, block));
+                    let receivers = receivers.into_iter().map(|p| p.sock).collect();
+                    let sender = sender.sock;
+                    if config.tee {
+                        std::thread::spawn(move || {
+                            crate::floor_tee::fan_out(sender, receivers, block)
+                        });
+                    } else {
+                        std::thread::spawn(move || fan_out(sender, receivers, block));
+                    }
                 }
             }
         }
@@ -280,6 +341,8 @@ fn wait(sender: Option<&TcpStream>, live: &[Option<(TcpStream, u64)>], head: u64
 pub struct FloorChild {
     child: Child,
     port: u16,
+    /// The CA of a TLS floor's certificate, as PEM.
+    ca_pem: Option<String>,
 }
 
 impl FloorChild {
@@ -299,22 +362,41 @@ impl FloorChild {
         if config.tee {
             command.arg("--tee");
         }
+        if config.tls {
+            command.arg("--tls");
+        }
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
         let mut line = String::new();
+        let mut ca_pem = String::new();
         if let Some(stdout) = child.stdout.take() {
-            io::BufReader::new(stdout).read_line(&mut line)?;
+            let mut stdout = io::BufReader::new(stdout);
+            stdout.read_line(&mut line)?;
+            while config.tls && !ca_pem.ends_with("-----END CERTIFICATE-----\n") {
+                if stdout.read_line(&mut ca_pem)? == 0 {
+                    break;
+                }
+            }
         }
-        match line.trim().parse() {
-            Ok(port) => Ok(FloorChild { child, port }),
-            Err(_) => {
+        match (line.trim().parse(), config.tls) {
+            (Ok(port), false) => Ok(FloorChild {
+                child,
+                port,
+                ca_pem: None,
+            }),
+            (Ok(port), true) if ca_pem.ends_with("-----END CERTIFICATE-----\n") => Ok(FloorChild {
+                child,
+                port,
+                ca_pem: Some(ca_pem),
+            }),
+            _ => {
                 let _ = child.kill();
                 let _ = child.wait();
                 Err(io::Error::other(format!(
-                    "the floor server printed {line:?}, not its port"
+                    "the floor server printed {line:?}, not its port (and with TLS, its CA)"
                 )))
             }
         }
@@ -326,6 +408,11 @@ impl FloorChild {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The CA a client of a TLS floor must trust.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 }
 

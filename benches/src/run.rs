@@ -14,6 +14,7 @@ use crate::error::ClientError;
 use crate::payload::{splitmix64, Payload};
 use crate::procstat::{self, CpuTimes};
 use crate::report::{Mode, ProcFigures, RunReport};
+use crate::tls::TlsClient;
 
 /// Where the clients connect and how they name their pipes.
 #[derive(Debug, Clone)]
@@ -24,9 +25,28 @@ pub enum Target {
         host: Arc<str>,
         base_path: String,
         url: String,
+        /// Set for an `https://` URL.
+        tls: Option<TlsClient>,
     },
-    /// The floor server (no HTTP).
-    Floor { addr: SocketAddr },
+    /// The floor server (no HTTP), over TLS when its clients should be.
+    Floor {
+        addr: SocketAddr,
+        tls: Option<TlsClient>,
+    },
+}
+
+impl Target {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Target::Http { addr, .. } | Target::Floor { addr, .. } => *addr,
+        }
+    }
+
+    fn tls(&self) -> Option<&TlsClient> {
+        match self {
+            Target::Http { tls, .. } | Target::Floor { tls, .. } => tls.as_ref(),
+        }
+    }
 }
 
 /// What to run, the same for every repetition.
@@ -130,13 +150,12 @@ pub async fn run_once(
                 n: n as u32,
             },
         };
-        let addr = match target {
-            Target::Http { addr, .. } | Target::Floor { addr } => *addr,
-        };
+        let addr = target.addr();
         let (ready_tx, ready_rx) = mpsc::channel(n.max(1));
         let recv_spec = Arc::new(RecvSpec {
             addr,
             proto: proto.clone(),
+            tls: target.tls().cloned(),
             read_buf: scenario.read_buf,
             checksum: scenario.checksum,
         });
@@ -152,6 +171,7 @@ pub async fn run_once(
         let send_spec = SendSpec {
             addr,
             proto,
+            tls: target.tls().cloned(),
             payload: payload.clone(),
             seed: pipe_seed(pipe),
             size: scenario.size,
@@ -277,7 +297,8 @@ pub async fn run_once(
         },
         target: match target {
             Target::Http { url, .. } => url.clone(),
-            Target::Floor { addr } => format!("floor://{addr}"),
+            Target::Floor { addr, tls: None } => format!("floor://{addr}"),
+            Target::Floor { addr, tls: Some(_) } => format!("floor+tls://{addr}"),
         },
         size,
         n,
@@ -300,31 +321,65 @@ pub async fn run_once(
     }
 }
 
-/// The target for a base URL like `http://127.0.0.1:8080` (a path in it, and `path_prefix`,
-/// go before every pipe name).
-pub fn http_target(url: &str, path_prefix: &str) -> Result<Target, String> {
+/// The target for a base URL like `http://127.0.0.1:8080` or `https://localhost:8443` (a
+/// path in it, and `path_prefix`, go before every pipe name). An `https://` URL needs the
+/// client configuration (`tls`, trusting the server's CA); the host in the URL is the
+/// name its certificate must carry.
+pub fn http_target(
+    url: &str,
+    path_prefix: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Target, String> {
     use std::net::ToSocketAddrs;
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;
+    let (rest, default_port, secure) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, 80, false)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, 443, true)
+    } else {
+        return Err(format!(
+            "{url:?}: only http:// and https:// URLs are supported"
+        ));
+    };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     if authority.is_empty() || authority.contains('@') {
-        return Err(format!("{url:?}: expected http://HOST[:PORT][/PATH]"));
+        return Err(format!("{url:?}: expected http[s]://HOST[:PORT][/PATH]"));
     }
-    let has_port = match authority.rfind(']') {
-        Some(bracket) => authority[bracket..].contains(':'),
-        None => authority.contains(':'),
+    let (host, has_port) = match authority.rfind(']') {
+        Some(bracket) => (
+            authority[..=bracket]
+                .trim_start_matches('[')
+                .trim_end_matches(']'),
+            authority[bracket..].contains(':'),
+        ),
+        None => match authority.rsplit_once(':') {
+            Some((host, _)) => (host, true),
+            None => (authority, false),
+        },
     };
     let connect = if has_port {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     let addr = connect
         .to_socket_addrs()
         .map_err(|e| format!("{url:?}: cannot resolve {connect}: {e}"))?
         .next()
         .ok_or_else(|| format!("{url:?}: {connect} resolves to no address"))?;
+    let tls = match (secure, tls) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(format!(
+                "{url:?}: an https:// URL needs --cacert FILE, the CA that signed the server's certificate \
+                 (`fanpipe-load cert --out DIR` makes one)"
+            ))
+        }
+        (true, Some(config)) => {
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{url:?}: {host:?} is not a TLS server name: {e}"))?;
+            Some(TlsClient { config, name })
+        }
+    };
     let join = |a: &str, b: &str| format!("{}/{}", a.trim_end_matches('/'), b.trim_matches('/'));
     let base_path = join(path, path_prefix).trim_end_matches('/').to_string();
     Ok(Target::Http {
@@ -332,5 +387,52 @@ pub fn http_target(url: &str, path_prefix: &str) -> Result<Target, String> {
         host: authority.into(),
         base_path,
         url: url.trim_end_matches('/').to_string(),
+        tls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Arc<rustls::ClientConfig> {
+        crate::tls::client_config(&[]).expect("a client config")
+    }
+
+    #[test]
+    fn https_urls_carry_the_server_name_and_port() {
+        let target = http_target("https://localhost:8443/base", "", Some(config())).expect("ok");
+        let Target::Http {
+            addr,
+            tls: Some(tls),
+            base_path,
+            ..
+        } = target
+        else {
+            panic!("an https target with TLS");
+        };
+        assert_eq!(addr.port(), 8443);
+        assert_eq!(base_path, "/base");
+        assert_eq!(
+            format!("{:?}", tls.name),
+            format!(
+                "{:?}",
+                rustls::pki_types::ServerName::try_from("localhost").expect("name")
+            )
+        );
+        let Target::Http { addr, tls, .. } =
+            http_target("https://127.0.0.1", "", Some(config())).expect("ok")
+        else {
+            panic!("http target");
+        };
+        assert_eq!(addr.port(), 443);
+        assert!(tls.is_some());
+        assert!(http_target("https://127.0.0.1:8443", "", None).is_err());
+        let Target::Http { tls, .. } =
+            http_target("http://[::1]:80", "", Some(config())).expect("ok")
+        else {
+            panic!("http target");
+        };
+        assert!(tls.is_none());
+    }
 }

@@ -9,6 +9,11 @@
 //! fanpipe-load floor -n 30 --size 800MiB
 //! # floor and server alternately, and the ratio of their median throughputs
 //! fanpipe-load compare --url http://127.0.0.1:8080 --pid PID -n 30 --size 800MiB --repeat 3
+//! # over HTTPS: a CA and a localhost certificate for the server, then the same against the
+//! # floor over TLS
+//! fanpipe-load cert --out /tmp/pki
+//! fanpipe --listen 127.0.0.1:8443 --tls-cert /tmp/pki/cert.pem --tls-key /tmp/pki/key.pem &
+//! fanpipe-load compare --url https://127.0.0.1:8443 --cacert /tmp/pki/ca.pem --pid $! -n 30
 //! ```
 //!
 //! Receivers connect and send their requests first; each sender connects once its pipe's
@@ -22,6 +27,7 @@
 //! `--json` adds one JSON line per run (and per median) on stdout, the human text going to
 //! stderr. `--repeat K` runs K times and reports the medians.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,6 +38,7 @@ use fanpipe_bench::floor::{self, FloorChild, FloorConfig};
 use fanpipe_bench::payload::{Payload, BASE_LEN};
 use fanpipe_bench::report::{Json, RunReport, Summary};
 use fanpipe_bench::run::{self, Scenario, Target, Watched};
+use fanpipe_bench::tls::{self, Pki, TlsClient};
 use fanpipe_bench::{procstat, size};
 
 #[derive(Parser)]
@@ -94,6 +101,14 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         parallel: usize,
     },
+    /// Write a throwaway CA and a certificate it signed for localhost, 127.0.0.1 and ::1
+    /// (DIR/ca.pem, DIR/cert.pem, DIR/key.pem), to benchmark a server over HTTPS: give it
+    /// cert.pem and key.pem, and fanpipe-load --cacert DIR/ca.pem.
+    Cert {
+        /// Directory to write into (made if missing; existing files are replaced)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// The floor server itself (started by `floor` and `compare`).
     #[command(hide = true)]
     FloorServer {
@@ -105,6 +120,8 @@ enum Command {
         nodelay: bool,
         #[arg(long)]
         tee: bool,
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -122,6 +139,9 @@ struct ServerArgs {
     /// Path before each pipe name, e.g. /api/v1/pipe (default: /NAME)
     #[arg(long, default_value = "")]
     path_prefix: String,
+    /// PEM file of the CA(s) to trust for an https:// URL (see the `cert` subcommand)
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -189,21 +209,26 @@ struct FloorArgs {
     /// window; fanpipe's default --buffer-size is the same 1 MiB)
     #[arg(long, default_value = "1MiB", value_parser = size::parse_size)]
     floor_block: u64,
-    /// Floor server: set TCP_NODELAY on the receivers' sockets
+    /// Floor server: set TCP_NODELAY on the receivers' sockets (always on over TLS)
     #[arg(long)]
     floor_nodelay: bool,
     /// Floor server: move bytes with splice(2) and tee(2), never copying them in user
     /// space (to measure what zero-copy would save; Linux only, small n)
     #[arg(long)]
     floor_tee: bool,
+    /// Floor server: speak TLS to every client, with fanpipe's rustls configuration (the
+    /// floor for HTTPS; `compare` with an https:// URL does so by itself)
+    #[arg(long)]
+    floor_tls: bool,
 }
 
 impl FloorArgs {
-    fn config(&self) -> FloorConfig {
+    fn config(&self, tls: bool) -> FloorConfig {
         FloorConfig {
             block: self.floor_block.clamp(4096, 64 << 20) as usize,
             nodelay: self.floor_nodelay,
             tee: self.floor_tee,
+            tls: tls || self.floor_tls,
         }
     }
 }
@@ -211,11 +236,34 @@ impl FloorArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (load, server, floor_args, mode) = match cli.command {
+        Some(Command::Cert { out }) => {
+            return match Pki::generate().and_then(|pki| pki.write(&out)) {
+                Ok([ca, cert, key]) => {
+                    println!(
+                        "wrote {}, {} and {}\n\
+                         fanpipe --listen 127.0.0.1:8443 --tls-cert {} --tls-key {}\n\
+                         fanpipe-load compare --url https://127.0.0.1:8443 --cacert {} --pid PID",
+                        ca.display(),
+                        cert.display(),
+                        key.display(),
+                        cert.display(),
+                        key.display(),
+                        ca.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fanpipe-load cert: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Some(Command::FloorServer {
             listen,
             block,
             nodelay,
             tee,
+            tls,
         }) => {
             return match floor::serve(
                 &listen,
@@ -223,6 +271,7 @@ fn main() -> ExitCode {
                     block,
                     nodelay,
                     tee,
+                    tls,
                 },
             ) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -267,7 +316,10 @@ fn run_meet(server: &ServerArgs, args: &MeetArgs, rendezvous: Option<(usize, usi
     let Some(url) = server.url.as_ref().or(server.url_arg.as_ref()) else {
         return fail("give the server's base URL, e.g. http://127.0.0.1:8080".into());
     };
-    let at = match run::http_target(url, &server.path_prefix) {
+    if url.starts_with("https://") {
+        return fail("hold and rendezvous speak plain HTTP only: give an http:// URL".into());
+    }
+    let at = match run::http_target(url, &server.path_prefix, None) {
         Ok(Target::Http {
             addr,
             host,
@@ -445,7 +497,15 @@ fn run(
                 args.url.as_ref().or(args.url_arg.as_ref()).ok_or(
                     "give the server's base URL, e.g. http://127.0.0.1:8080 (or use `floor`)",
                 )?;
-            let target = run::http_target(url, &args.path_prefix)?;
+            let tls = match &args.cacert {
+                Some(path) => Some(
+                    tls::load_cas(path)
+                        .and_then(|cas| tls::client_config(&cas))
+                        .map_err(|e| format!("--cacert: {e}"))?,
+                ),
+                None => None,
+            };
+            let target = run::http_target(url, &args.path_prefix, tls)?;
             let watched = args.pid.map(|pid| Watched {
                 pid,
                 label: "server",
@@ -459,12 +519,31 @@ fn run(
         }
         _ => None,
     };
+    // Over HTTPS, the floor is the floor over TLS.
+    let server_tls = matches!(&http, Some((Target::Http { tls: Some(_), .. }, _)));
     let floor = match (plan, floor_args) {
         (Plan::Floor | Plan::Compare, Some(args)) => {
-            let child = FloorChild::spawn(args.config())
+            let config = args.config(server_tls);
+            if config.tls && config.tee {
+                return Err("--floor-tee moves plaintext only: not with TLS".into());
+            }
+            let child = FloorChild::spawn(config)
                 .map_err(|e| format!("cannot start the floor server: {e}"))?;
+            let tls = match child.ca_pem() {
+                None => None,
+                Some(pem) => {
+                    let config = tls::certificates(pem.as_bytes(), "the floor's CA")
+                        .and_then(|cas| tls::client_config(&cas))
+                        .map_err(|e| format!("the floor over TLS: {e}"))?;
+                    let name = rustls::pki_types::ServerName::IpAddress(
+                        std::net::Ipv4Addr::LOCALHOST.into(),
+                    );
+                    Some(TlsClient { config, name })
+                }
+            };
             let target = Target::Floor {
                 addr: ([127, 0, 0, 1], child.port()).into(),
+                tls,
             };
             let watched = Watched {
                 pid: child.pid(),
@@ -555,6 +634,14 @@ fn compare(
     if let Some(ratio) = cpu_ratio {
         human.push_str(&format!("; CPU per run server/floor = {ratio:.3}"));
     }
+    // CPU seconds per GB delivered: comparable across scenarios and sizes, unlike per run.
+    let delivered_gb = (load.size * load.receivers as u64 * load.pipes as u64) as f64 / 1e9;
+    let per_gb = |cpu: Option<f64>| cpu.map(|c| c / delivered_gb);
+    if let (Some(s), Some(f)) = (per_gb(server.cpu), per_gb(floor.cpu)) {
+        human.push_str(&format!(
+            "; CPU per delivered GB server {s:.3} s, floor {f:.3} s"
+        ));
+    }
     human.push('\n');
     let mut j = Json::new();
     j.str("mode", "compare");
@@ -569,6 +656,9 @@ fn compare(
     j.opt("server_cpu_s", server.cpu);
     j.opt("floor_cpu_s", floor.cpu);
     j.opt("cpu_ratio", cpu_ratio);
+    j.opt("server_cpu_s_per_gb", per_gb(server.cpu));
+    j.opt("floor_cpu_s_per_gb", per_gb(floor.cpu));
+    j.opt("server_peak_rss_kib", server.peak_rss_kib.map(|k| k as f64));
     session.emit(&human, &j.finish());
 }
 
