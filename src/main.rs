@@ -225,23 +225,36 @@ enum LogFormat {
     Json,
 }
 
-/// Each running pipe holds a ring of up to `--buffer-size` bytes. glibc serves large blocks
-/// with mmap only up to a threshold that it raises each time such a block is freed, after
-/// which rings come from the heap, are zeroed page by page, and stay with the process when
-/// freed: a burst of a thousand small pipes left hundreds of MiB resident for good. A fixed
-/// threshold keeps every ring in its own mapping: untouched pages cost nothing and a
-/// finished pipe's memory goes back to the system (BENCHMARKS.md, "Memory").
+/// Each running pipe holds a ring of up to `--buffer-size` bytes, and `--memory-limit`
+/// bounds all rings together. glibc would serve a large ring with its own mapping, every
+/// page of it faulted in and zeroed, then unmapped when the ring is freed (a shootdown
+/// across threads): with a thousand 1 MiB transfers at once that was 15-20 % of the
+/// server's CPU, and smol ran at 0.62 of the floor (BENCHMARKS.md, "Memory"). Rings
+/// come from the heap instead, where a freed ring is reused by the next: the mapping
+/// threshold is put above the largest ring, and the heap keeps that much free memory
+/// before it trims, so TLS's record buffers (16 KiB each, freed once sent) are not
+/// faulted in again either. What stays resident is bounded by the budget, not by the
+/// number of pipes.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_freed_buffers_to_the_system() {
+fn keep_rings_on_the_heap(buffer_size: usize) {
+    // glibc's ceiling for the mapping threshold on 64-bit (HEAP_MAX_SIZE / 2).
+    const MAX_THRESHOLD: usize = 32 << 20;
+    let threshold = buffer_size
+        .saturating_mul(2)
+        .clamp(4 << 20, MAX_THRESHOLD)
+        .try_into()
+        .unwrap_or(i32::MAX);
     // SAFETY: mallopt takes two integers and only changes the allocator's policy for later
-    // allocations; it is called first thing in main, before any other thread exists.
+    // allocations; it is called right after the arguments are parsed, before any other
+    // thread exists or any allocation it could affect is made.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, threshold);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, threshold);
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_freed_buffers_to_the_system() {}
+fn keep_rings_on_the_heap(_buffer_size: usize) {}
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`): text for people, or one JSON
 /// object per line (timestamp, level, target, fields) for log pipelines.
@@ -260,8 +273,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    return_freed_buffers_to_the_system();
     let args = Args::parse();
+    keep_rings_on_the_heap(args.buffer_size as usize);
     if let Some(Command::Sign {
         secret_file,
         url,

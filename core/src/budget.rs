@@ -22,11 +22,12 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The default `--memory-limit`: 32 MiB of pipe buffers. A pipe moves its bytes at about
-/// the same pace with a 64 KiB ring as with 1 MiB when many run at once, so this keeps a
-/// thousand pipes at once (each may start at 64 KiB) within 64 MiB of resident memory, and
-/// still lets a couple dozen large transfers grow to the default 1 MiB (BENCHMARKS.md).
-pub const DEFAULT_MEMORY_LIMIT: usize = 32 << 20;
+/// The default `--memory-limit`: 16 MiB of pipe buffers. A pipe moves its bytes at about
+/// the same pace with a 16 KiB ring as with 1 MiB when many run at once (a thousand 1 MiB
+/// transfers at once ran as fast with a 1 MiB limit as with 32 MiB), so this keeps a
+/// thousand pipes at once within 64 MiB of resident memory, their connections included,
+/// and still lets a dozen large transfers grow to the default 1 MiB (BENCHMARKS.md).
+pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 
 /// A shared count of the bytes all rings hold, against a limit.
 #[derive(Clone)]
