@@ -71,6 +71,10 @@ pub struct Hub<H> {
     keys: Option<Arc<Keys>>,
     /// The pipes' buffers, for `/metrics`.
     memory: MemoryBudget,
+    /// Pipes whose task has not reported [`Event::Closed`]. A shutdown waits for them
+    /// too: a transfer that ended may still have bytes on their way out (the last
+    /// records of a TLS session), which the process's exit would drop.
+    open_pipes: usize,
 }
 
 impl<H> Hub<H> {
@@ -85,6 +89,7 @@ impl<H> Hub<H> {
             until: None,
             stopping: false,
             memory: config.memory.clone(),
+            open_pipes: 0,
         }
     }
 
@@ -119,8 +124,10 @@ impl<H> Hub<H> {
         if let Some(keys) = &self.keys {
             signed::verify(keys, &request.credentials, *role, name, *n, unix_now)?;
         }
+        let open_pipes = &mut self.open_pipes;
         self.registry
             .admit_from(request.client, name, *role, *n, |id| {
+                *open_pipes += 1;
                 make(PipeParams {
                     name: name.clone(),
                     n: *n,
@@ -191,6 +198,10 @@ impl<H> Hub<H> {
                 );
                 true
             }
+            Event::Closed => {
+                self.open_pipes = self.open_pipes.saturating_sub(1);
+                true
+            }
         }
     }
 
@@ -217,7 +228,7 @@ impl<H> Hub<H> {
     /// Where the shutdown stands at `now`, and when to look again.
     pub fn poll_shutdown(&mut self, now: Instant) -> ShutdownStep {
         let c = self.registry.counts();
-        let pipes_left = c.waiting_pipes + c.running_pipes > 0;
+        let pipes_left = c.waiting_pipes + c.running_pipes > 0 || self.open_pipes > 0;
         let until = self.until.unwrap_or(now);
         match self.phase {
             Phase::Running => {}
@@ -312,8 +323,27 @@ mod tests {
         hub.begin_shutdown(Duration::from_secs(30), t0);
         assert_eq!(hub.poll_shutdown(t0).phase, Phase::Draining);
         assert!(hub.handle_event("x", id, Event::Left(Role::Receiver)));
+        // Out of the registry, but its task still has sockets to close (the last bytes
+        // of a transfer, say): the process must not exit yet.
         let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(hub.poll_shutdown(t1).phase, Phase::Draining);
+        assert!(hub.handle_event("x", id, Event::Closed));
         assert_eq!(hub.poll_shutdown(t1).phase, Phase::Done);
+    }
+
+    /// A task whose sockets do not close within the grace does not hold the exit longer.
+    #[test]
+    fn a_pipe_task_still_closing_holds_the_shutdown_only_for_the_grace() {
+        let t0 = Instant::now();
+        let mut hub: Hub<()> = Hub::new(&Config::default());
+        let id = hub.admit(&request(GET), |_| ()).unwrap().id;
+        assert!(hub.handle_event("x", id, Event::Left(Role::Receiver)));
+        hub.begin_shutdown(Duration::from_secs(30), t0);
+        assert_eq!(hub.poll_shutdown(t0).phase, Phase::Draining);
+        let after_grace = t0 + Duration::from_secs(30);
+        assert_eq!(hub.poll_shutdown(after_grace).phase, Phase::Aborting);
+        let after_abort = after_grace + ABORT_DRAIN;
+        assert_eq!(hub.poll_shutdown(after_abort).phase, Phase::Done);
     }
 
     /// A newcomer the pipe held and then refused is counted and logged like one the

@@ -188,6 +188,7 @@ impl<S: Socket, T: Timer> PipeTask<S, T> {
                 }
             }
             if self.gone && self.pipe.is_idle() && self.ending.is_empty() {
+                report(&self.params.name, self.params.id, Event::Closed);
                 return Poll::Ready(());
             }
             if !moved {

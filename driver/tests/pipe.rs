@@ -812,7 +812,11 @@ fn the_registry_and_the_pipe_agree_on_places() {
             server.hub().handle_event(name, id, event)
         },
     );
-    assert_eq!(reported, [Event::Left(Role::Receiver)]);
+    assert_eq!(
+        reported,
+        [Event::Left(Role::Receiver), Event::Closed],
+        "the task says it is over, last"
+    );
     assert!(ended.is_ready(), "the task ends with its last socket");
     let net = sim.net.clone();
     drop(sim);

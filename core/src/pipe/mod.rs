@@ -40,6 +40,9 @@ pub enum Event {
     Refused(Role, Reject),
     /// The transfer started: the name is busy.
     Started,
+    /// Not from the pipe itself: its task reports it once every socket of the pipe is
+    /// closed (its last bytes out, or given up at their deadline), as its very last event.
+    Closed,
     /// The transfer ended: the name is free; log the summary.
     Finished(Summary),
 }

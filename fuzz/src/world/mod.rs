@@ -504,6 +504,7 @@ impl World {
                 net.pipes[p].seen.summary = Some(summary.clone());
                 net.pipes[p].seen.finished_at = Some(net.now);
             }
+            Event::Closed => net.note(format!("pipe {p}: task over, every socket closed")),
         }
     }
 
