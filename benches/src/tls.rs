@@ -108,24 +108,17 @@ pub fn load_cas(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupErr
     certificates(&pem, &path.display().to_string())
 }
 
-/// The floor's server configuration: what fanpipe's `driver/src/tls.rs` builds from its
-/// `--tls-cert` and `--tls-key` (aws-lc-rs, safe default versions and cipher suites, no
-/// client auth, ALPN `http/1.1` and `http/1.0`), built from PEM in memory. Kept in step
-/// by hand: the floor is only the honest best while the two agree.
+/// The floor's server configuration: fanpipe's own (`fanpipe_driver::tls`), built from
+/// PEM in memory, so that the floor is the honest best for the same handshake and record
+/// layer.
 pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let chain = certificates(cert_pem, "the floor's certificate")?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsSetupError::Pem {
         what: "the floor's key".into(),
         source,
     })?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(TlsSetupError::Rustls)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(TlsSetupError::Rustls)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+    let config =
+        fanpipe_driver::tls::server_config_for(chain, key).map_err(TlsSetupError::Rustls)?;
     Ok(Arc::new(config))
 }
 

@@ -287,25 +287,33 @@ fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError>
             source,
         },
     })?;
+    let config = server_config_for(chain, key_der).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => TlsError::KeyMismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        },
+        e => TlsError::Rejected(e),
+    })?;
+    Ok(Arc::new(config))
+}
+
+/// fanpipe's rustls server configuration for a certificate chain and its key: aws-lc-rs,
+/// rustls's safe default protocol versions (TLS 1.2 and 1.3) and cipher suites, no client
+/// authentication, ALPN `http/1.1` and `http/1.0`. Public so that the benchmarks' floor
+/// over TLS is built by the same code.
+pub fn server_config_for(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::Rejected)?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => {
-                TlsError::KeyMismatch {
-                    cert: cert.to_owned(),
-                    key: key.to_owned(),
-                }
-            }
-            e => TlsError::Rejected(e),
-        })?;
+        .with_single_cert(chain, key)?;
     // HTTP/1.0 too: a client that offers only it (curl --http1.0) is served, not refused
     // with no_application_protocol.
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// Where a connection is.
