@@ -918,6 +918,63 @@ fn load_receiver(
     Ok(())
 }
 
+/// The client threads of a load test, each reporting its label and its result.
+struct Clients {
+    tx: mpsc::Sender<(String, Result<(), String>)>,
+    rx: mpsc::Receiver<(String, Result<(), String>)>,
+}
+
+impl Clients {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Clients { tx, rx }
+    }
+
+    /// Runs `work` on a thread of its own (small stack: a thousand of them run at once).
+    fn spawn(&self, label: String, work: impl FnOnce() -> Result<(), String> + Send + 'static) {
+        let tx = self.tx.clone();
+        thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let _ = tx.send((label, work()));
+            })
+            .expect("spawn a client thread");
+    }
+
+    /// Waits until `total` clients have reported (by `deadline`, 60 s after the start)
+    /// and asserts that none failed, naming the first twenty that did.
+    fn assert_all_finish(self, total: usize, deadline: Instant) {
+        let Clients { tx, rx } = self;
+        drop(tx);
+        let mut failures = Vec::new();
+        let mut finished = 0;
+        while finished < total {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((label, result)) => {
+                    finished += 1;
+                    if let Err(why) = result {
+                        failures.push(format!("{label}: {why}"));
+                    }
+                }
+                Err(_) => {
+                    failures.push(format!(
+                        "{} of {total} clients had not finished after 60 s",
+                        total - finished
+                    ));
+                    break;
+                }
+            }
+        }
+        let shown = failures.len().min(20);
+        assert!(
+            failures.is_empty(),
+            "{} failure(s) among {total} clients (first {shown}):\n  {}",
+            failures.len(),
+            failures[..shown].join("\n  ")
+        );
+    }
+}
+
 fn load_sender(addr: SocketAddr, path: &str, body: &[u8], chunked: bool) -> Result<(), String> {
     load_sender_of(addr, path, body, chunked, LOAD_N)
 }
@@ -1004,25 +1061,15 @@ fn thousand_connections_all_transfers_correct() {
             )
         })
         .collect();
-    let (tx, rx) = mpsc::channel::<(String, Result<(), String>)>();
-    let spawn = |label: String, work: Box<dyn FnOnce() -> Result<(), String> + Send>| {
-        let tx = tx.clone();
-        thread::Builder::new()
-            .stack_size(128 * 1024)
-            .spawn(move || {
-                let _ = tx.send((label, work()));
-            })
-            .expect("spawn a client thread");
-    };
+    let clients = Clients::new();
 
     let connected = Arc::new(AtomicUsize::new(0));
     for (i, (path, body)) in paths.iter().zip(&bodies).enumerate() {
         for r in 0..LOAD_N {
             let (path, body, connected) = (path.clone(), Arc::clone(body), Arc::clone(&connected));
-            spawn(
-                format!("pipe {i} receiver {r}"),
-                Box::new(move || load_receiver(addr, &path, &body, i % 2 == 1, &connected)),
-            );
+            clients.spawn(format!("pipe {i} receiver {r}"), move || {
+                load_receiver(addr, &path, &body, i % 2 == 1, &connected)
+            });
         }
     }
     let receivers = LOAD_PIPES * LOAD_N;
@@ -1036,42 +1083,12 @@ fn thousand_connections_all_transfers_correct() {
     }
     for (i, (path, body)) in paths.iter().zip(&bodies).enumerate() {
         let (path, body) = (path.clone(), Arc::clone(body));
-        spawn(
-            format!("pipe {i} sender"),
-            Box::new(move || load_sender(addr, &path, &body, i % 2 == 1)),
-        );
+        clients.spawn(format!("pipe {i} sender"), move || {
+            load_sender(addr, &path, &body, i % 2 == 1)
+        });
     }
-    drop(tx);
-
-    let total = LOAD_PIPES * (LOAD_N + 1);
-    let mut failures = Vec::new();
-    let mut finished = 0;
-    while finished < total {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((label, result)) => {
-                finished += 1;
-                if let Err(why) = result {
-                    failures.push(format!("{label}: {why}"));
-                }
-            }
-            Err(_) => {
-                failures.push(format!(
-                    "{} of {total} clients had not finished after 60 s",
-                    total - finished
-                ));
-                break;
-            }
-        }
-    }
+    clients.assert_all_finish(LOAD_PIPES * (LOAD_N + 1), deadline);
     let hwm = server.proc_status_kib("VmHWM");
-    let shown = failures.len().min(20);
-    assert!(
-        failures.is_empty(),
-        "{} failure(s) among {total} clients (first {shown}):\n  {}",
-        failures.len(),
-        failures[..shown].join("\n  ")
-    );
     assert!(
         hwm < 128 * 1024,
         "server peak RSS (VmHWM) {hwm} KiB with 1000 connections, bound 128 MiB"
@@ -1113,16 +1130,7 @@ fn thousand_pipes_stay_within_the_memory_limit() {
     let deadline = Instant::now() + Duration::from_secs(60);
     // A few distinct bodies, so a byte from the wrong pipe shows.
     let bodies: Vec<Arc<Vec<u8>>> = (0..8).map(|i| Arc::new(payload(MIB, 2_000 + i))).collect();
-    let (tx, rx) = mpsc::channel::<(String, Result<(), String>)>();
-    let spawn = |label: String, work: Box<dyn FnOnce() -> Result<(), String> + Send>| {
-        let tx = tx.clone();
-        thread::Builder::new()
-            .stack_size(128 * 1024)
-            .spawn(move || {
-                let _ = tx.send((label, work()));
-            })
-            .expect("spawn a client thread");
-    };
+    let clients = Clients::new();
     let paths: Vec<String> = (0..BUDGET_PIPES)
         .map(|i| format!("/api/v1/pipe/{}?n=1", pipe_name(&format!("budget-{i}"))))
         .collect();
@@ -1133,10 +1141,9 @@ fn thousand_pipes_stay_within_the_memory_limit() {
             Arc::clone(&bodies[i % 8]),
             Arc::clone(&connected),
         );
-        spawn(
-            format!("pipe {i} receiver"),
-            Box::new(move || load_receiver(addr, &path, &body, i % 2 == 1, &connected)),
-        );
+        clients.spawn(format!("pipe {i} receiver"), move || {
+            load_receiver(addr, &path, &body, i % 2 == 1, &connected)
+        });
     }
     let connect_deadline = Instant::now() + Duration::from_secs(30);
     while connected.load(Ordering::SeqCst) < BUDGET_PIPES && Instant::now() < connect_deadline {
@@ -1144,40 +1151,12 @@ fn thousand_pipes_stay_within_the_memory_limit() {
     }
     for (i, path) in paths.iter().enumerate() {
         let (path, body) = (path.clone(), Arc::clone(&bodies[i % 8]));
-        spawn(
-            format!("pipe {i} sender"),
-            Box::new(move || load_sender_of(addr, &path, &body, i % 2 == 1, 1)),
-        );
+        clients.spawn(format!("pipe {i} sender"), move || {
+            load_sender_of(addr, &path, &body, i % 2 == 1, 1)
+        });
     }
-    drop(tx);
-    let total = 2 * BUDGET_PIPES;
-    let mut failures = Vec::new();
-    let mut finished = 0;
-    while finished < total {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok((label, result)) => {
-                finished += 1;
-                if let Err(why) = result {
-                    failures.push(format!("{label}: {why}"));
-                }
-            }
-            Err(_) => {
-                failures.push(format!(
-                    "{} of {total} clients had not finished after 60 s",
-                    total - finished
-                ));
-                break;
-            }
-        }
-    }
+    clients.assert_all_finish(2 * BUDGET_PIPES, deadline);
     let hwm = server.proc_status_kib("VmHWM");
-    let shown = failures.len().min(20);
-    assert!(
-        failures.is_empty(),
-        "{} failure(s) among {total} clients (first {shown}):\n  {}",
-        failures.len(),
-        failures[..shown].join("\n  ")
-    );
     // Over TLS each of the 2,000 connections also holds rustls's state and record
     // buffers, outside the budget: 10-22 KiB each measured at the peak of this test.
     let tls = if server.is_tls() {

@@ -26,7 +26,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use super::{Outcome, Pipe, Stage, State, Summary};
+use super::{Pipe, Stage, State, Summary};
 use crate::conn::PipeRequest;
 use crate::error::Reject;
 use crate::request::{Framing, Role, Route};
@@ -119,17 +119,6 @@ fn json(out: &mut Vec<u8>, body: &str, keep_alive: bool) {
         body.len(),
         if keep_alive { "" } else { "Connection: close\r\n" }
     );
-}
-
-fn outcome_label(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Complete => "complete",
-        Outcome::ReceiversLost => "receivers_lost",
-        Outcome::SenderGone => "sender_gone",
-        Outcome::Malformed(_) => "malformed",
-        Outcome::Stalled => "stalled",
-        Outcome::Shutdown => "shutdown",
-    }
 }
 
 impl Pipe {
@@ -326,7 +315,7 @@ impl Pipe {
     pub(super) fn watch_done(&mut self, s: &Summary, now: Instant) {
         let data = format!(
             "{{\"outcome\":\"{}\",\"bytes\":{},\"complete\":{},\"n\":{},\"seconds\":{:.3}}}",
-            outcome_label(s.outcome),
+            s.outcome.label(),
             s.bytes,
             s.complete,
             s.n,
