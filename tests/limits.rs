@@ -11,7 +11,7 @@ mod common;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -922,12 +922,21 @@ fn load_receiver(
 struct Clients {
     tx: mpsc::Sender<(String, Result<(), String>)>,
     rx: mpsc::Receiver<(String, Result<(), String>)>,
+    /// One load test's clients at a time in this process: two thousand clients are all
+    /// that two cores and the open-file limit take (over TLS, each has a bridge).
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl Clients {
     fn new() -> Self {
+        static TURN: Mutex<()> = Mutex::new(());
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let (tx, rx) = mpsc::channel();
-        Clients { tx, rx }
+        Clients {
+            tx,
+            rx,
+            _turn: turn,
+        }
     }
 
     /// Runs `work` on a thread of its own (small stack: a thousand of them run at once).
@@ -944,7 +953,7 @@ impl Clients {
     /// Waits until `total` clients have reported (by `deadline`, 60 s after the start)
     /// and asserts that none failed, naming the first twenty that did.
     fn assert_all_finish(self, total: usize, deadline: Instant) {
-        let Clients { tx, rx } = self;
+        let Clients { tx, rx, _turn } = self;
         drop(tx);
         let mut failures = Vec::new();
         let mut finished = 0;
@@ -1046,7 +1055,6 @@ fn thousand_connections_all_transfers_correct() {
         "0",
     ]);
     let addr = server.addr();
-    let deadline = Instant::now() + Duration::from_secs(60);
     let bodies: Vec<Arc<Vec<u8>>> = (0..LOAD_PIPES)
         .map(|i| {
             let len = 64 * 1024 + (i * 49_157) % (192 * 1024 + 1);
@@ -1062,6 +1070,8 @@ fn thousand_connections_all_transfers_correct() {
         })
         .collect();
     let clients = Clients::new();
+    // Counted once this test has its turn.
+    let deadline = Instant::now() + Duration::from_secs(60);
 
     let connected = Arc::new(AtomicUsize::new(0));
     for (i, (path, body)) in paths.iter().zip(&bodies).enumerate() {
@@ -1127,10 +1137,11 @@ fn thousand_pipes_stay_within_the_memory_limit() {
         require(&text, "fanpipe_buffer_limit_bytes"),
         BUDGET_LIMIT as f64
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
     // A few distinct bodies, so a byte from the wrong pipe shows.
     let bodies: Vec<Arc<Vec<u8>>> = (0..8).map(|i| Arc::new(payload(MIB, 2_000 + i))).collect();
     let clients = Clients::new();
+    // Counted once this test has its turn.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let paths: Vec<String> = (0..BUDGET_PIPES)
         .map(|i| format!("/api/v1/pipe/{}?n=1", pipe_name(&format!("budget-{i}"))))
         .collect();

@@ -155,7 +155,7 @@ pub fn bridge(server: SocketAddr, config: Arc<ClientConfig>) -> io::Result<TcpSt
 }
 
 /// The bytes the TLS client wants to send, sent in order under `out`'s lock.
-fn flush(conn: &Mutex<ClientConnection>, out: &Mutex<TcpStream>) -> io::Result<()> {
+fn flush(conn: &Mutex<ClientConnection>, out: &Mutex<&TcpStream>) -> io::Result<()> {
     let mut sock = out.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let mut bytes = Vec::new();
@@ -172,15 +172,13 @@ fn flush(conn: &Mutex<ClientConnection>, out: &Mutex<TcpStream>) -> io::Result<(
     }
 }
 
-/// Hands `bytes` to the TLS client and sends its records. Until the handshake is done
-/// rustls holds plaintext in a bounded buffer and takes no more once it is full, so what
-/// it refuses is offered again once the handshake has moved on.
+/// Hands `bytes` to the TLS client and sends its records (the handshake is done: rustls
+/// takes what fits in its buffer, and each flush empties it).
 fn send_plaintext(
     conn: &Mutex<ClientConnection>,
-    out: &Mutex<TcpStream>,
+    out: &Mutex<&TcpStream>,
     mut bytes: &[u8],
 ) -> io::Result<()> {
-    let until = std::time::Instant::now() + Duration::from_secs(10);
     while !bytes.is_empty() {
         let taken = conn
             .lock()
@@ -188,82 +186,99 @@ fn send_plaintext(
             .writer()
             .write(bytes)?;
         flush(conn, out)?;
-        bytes = &bytes[taken..];
         if taken == 0 {
-            if std::time::Instant::now() > until {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            thread::sleep(Duration::from_millis(1));
+            return Err(io::ErrorKind::WriteZero.into());
         }
+        bytes = &bytes[taken..];
     }
     Ok(())
 }
+
+/// How long the bridge waits for the server to finish a handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn run_bridge(plain: TcpStream, upstream: TcpStream, config: Arc<ClientConfig>) {
     let _ = plain.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let name = ServerName::try_from("localhost").expect("server name");
-    let conn = Arc::new(Mutex::new(
-        ClientConnection::new(config, name).expect("TLS client"),
-    ));
-    let (Ok(up_reader), Ok(up_writer), Ok(mut plain_writer)) =
-        (plain.try_clone(), upstream.try_clone(), plain.try_clone())
-    else {
-        return;
+    let mut client = ClientConnection::new(config, name).expect("TLS client");
+    // The handshake first, blocking: the caller's bytes wait in its socket meanwhile, as
+    // behind a slow TCP peer, and no thread polls a handshake still under way (thousands
+    // of bridges doing so once took the CPU from the server they wait for).
+    let _ = upstream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let handshake = {
+        let mut io = &upstream;
+        client.complete_io(&mut io)
     };
-    let out = Arc::new(Mutex::new(up_writer));
-    let _ = flush(&conn, &out);
-    // Caller to server: plaintext in, records out.
-    let up = {
-        let (conn, out) = (conn.clone(), out.clone());
-        let mut from = up_reader;
-        thread::Builder::new()
+    let _ = upstream.set_read_timeout(None);
+    if handshake.is_err() || client.is_handshaking() {
+        let _ = plain.shutdown(Shutdown::Both);
+        let _ = upstream.shutdown(Shutdown::Both);
+        return;
+    }
+    // Both ways share the two sockets (no duplicated descriptors: a load test bridges
+    // thousands of connections); records go out under `out`'s lock, in order.
+    let conn = Mutex::new(client);
+    let out = Mutex::new(&upstream);
+    thread::scope(|scope| {
+        // Caller to server: plaintext in, records out.
+        let up = thread::Builder::new()
             .name("tls-bridge-up".into())
             .stack_size(256 * 1024)
-            .spawn(move || {
-                let mut buf = vec![0; 16 * 1024];
-                loop {
-                    match from.read(&mut buf) {
-                        Ok(0) => {
-                            // A close_notify mid-handshake would end the handshake, not
-                            // the request: the caller's plaintext waits for the keys.
-                            let until = std::time::Instant::now() + Duration::from_secs(10);
-                            while conn
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .is_handshaking()
-                                && std::time::Instant::now() < until
-                            {
-                                thread::sleep(Duration::from_millis(2));
-                            }
-                            conn.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .send_close_notify();
-                            let _ = flush(&conn, &out);
-                            let sock = out.lock().unwrap_or_else(|e| e.into_inner());
-                            let _ = sock.shutdown(Shutdown::Write);
-                            return;
-                        }
-                        Ok(n) => {
-                            if send_plaintext(&conn, &out, &buf[..n]).is_err() {
-                                // As over TCP, a failed send leaves what the server sent
-                                // before to be read: the other way ends the caller's side.
-                                return;
-                            }
-                        }
-                        Err(_) => {
-                            let sock = out.lock().unwrap_or_else(|e| e.into_inner());
-                            let _ = sock.shutdown(Shutdown::Both);
-                            return;
-                        }
-                    }
+            .spawn_scoped(scope, || bridge_up(&plain, &conn, &out));
+        // Server to caller: records in, plaintext out.
+        bridge_down(&plain, &upstream, &conn, &out);
+        // The caller's side ends when it closes; the bridge ends with it.
+        drop(up);
+    });
+}
+
+/// The caller's plaintext to the server, as records; its FIN as close_notify and a FIN.
+fn bridge_up(plain: &TcpStream, conn: &Mutex<ClientConnection>, out: &Mutex<&TcpStream>) {
+    let mut from = plain;
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                conn.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send_close_notify();
+                let _ = flush(conn, out);
+                let sock = out.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = sock.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if send_plaintext(conn, out, &buf[..n]).is_err() {
+                    // As over TCP, a failed send leaves what the server sent before to
+                    // be read: the other way ends the caller's side.
+                    return;
                 }
-            })
-    };
-    // Server to caller: records in, plaintext out.
-    let mut from = upstream;
+            }
+            Err(_) => {
+                let sock = out.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = sock.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// The server's records to the caller, as plaintext; its close_notify or FIN as a FIN, a
+/// TLS error or a reset as both ways closed.
+fn bridge_down(
+    plain: &TcpStream,
+    upstream: &TcpStream,
+    conn: &Mutex<ClientConnection>,
+    out: &Mutex<&TcpStream>,
+) {
+    let (mut from, mut to) = (upstream, plain);
     let mut buf = vec![0; 32 * 1024];
     let mut plaintext = vec![0; 32 * 1024];
+    // The handshake's last read may have brought the server's first bytes too.
+    if !pass_plaintext(conn, &mut to, &mut plaintext) {
+        return;
+    }
     'down: loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break 'down,
@@ -282,39 +297,43 @@ fn run_bridge(plain: TcpStream, upstream: TcpStream, config: Arc<ClientConfig>) 
                     Err(_) => Ok(()),
                 }
             };
-            let _ = flush(&conn, &out);
+            let _ = flush(conn, out);
             if processed.is_err() {
                 let _ = plain.shutdown(Shutdown::Both);
-                let _ = from.shutdown(Shutdown::Both);
+                let _ = upstream.shutdown(Shutdown::Both);
                 break 'down;
             }
-            loop {
-                let read = conn
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .reader()
-                    .read(&mut plaintext);
-                match read {
-                    Ok(0) => {
-                        // close_notify: the server's clean end.
-                        let _ = plain_writer.shutdown(Shutdown::Write);
-                        break;
-                    }
-                    Ok(k) => {
-                        if plain_writer.write_all(&plaintext[..k]).is_err() {
-                            let _ = from.shutdown(Shutdown::Both);
-                            break 'down;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => break,
-                }
+            if !pass_plaintext(conn, &mut to, &mut plaintext) {
+                let _ = upstream.shutdown(Shutdown::Both);
+                break 'down;
             }
         }
     }
-    let _ = plain_writer.shutdown(Shutdown::Write);
-    if let Ok(up) = up {
-        // The caller's side ends when it closes; the bridge ends with it.
-        drop(up);
+    let _ = plain.shutdown(Shutdown::Write);
+}
+
+/// Writes what plaintext the TLS client holds to the caller (the server's close_notify
+/// as a FIN); `false` once the caller is gone.
+fn pass_plaintext(conn: &Mutex<ClientConnection>, to: &mut &TcpStream, buf: &mut [u8]) -> bool {
+    loop {
+        let read = conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reader()
+            .read(buf);
+        match read {
+            Ok(0) => {
+                // close_notify: the server's clean end.
+                let _ = to.shutdown(Shutdown::Write);
+                return true;
+            }
+            Ok(k) => {
+                if to.write_all(&buf[..k]).is_err() {
+                    return false;
+                }
+            }
+            // WouldBlock: nothing more until records come.
+            Err(_) => return true,
+        }
     }
 }
