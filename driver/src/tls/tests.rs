@@ -447,6 +447,72 @@ fn handshake_and_large_echo_through_vectored_writes() {
     );
 }
 
+/// What the server reads with a buffer of `size` until the stream ends (`Ok(0)`), the
+/// client having sent `data` in uneven writes, then `end`.
+fn read_body(s: &mut Session, data: &[u8], size: usize, end: impl FnOnce(&mut Session)) -> Vec<u8> {
+    let waker = waker();
+    let mut cx = Context::from_waker(&waker);
+    let (mut sent, mut step) = (0, 5_000);
+    while sent < data.len() {
+        let end = data.len().min(sent + step);
+        sent += s.client.writer().write(&data[sent..end]).unwrap();
+        s.pump_client().unwrap();
+        step = step * 7 % 70_001 + 1;
+    }
+    end(s);
+    s.pump_client().unwrap();
+    let mut buf = vec![0u8; size];
+    let mut got = Vec::new();
+    for _ in 0..MAX_STEPS {
+        match s.server.poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(0)) => return got,
+            Poll::Ready(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Poll::Ready(Err(e)) => panic!("server read: {e}"),
+            Poll::Pending => panic!(
+                "the server waits with {} of {} bytes",
+                got.len(),
+                data.len()
+            ),
+        }
+    }
+    panic!("the read never ended");
+}
+
+#[test]
+fn a_body_read_with_any_buffer_gives_every_byte_then_the_end() {
+    let setup = setup();
+    let data = pattern(300_001);
+    // Buffers smaller and larger than a record, so that records are split across reads
+    // wherever the sizes fall.
+    for size in [
+        8 << 10,
+        24 << 10,
+        24 << 10 | 1,
+        40_000,
+        81_920 + 7,
+        256 << 10,
+    ] {
+        for clean in [true, false] {
+            let mut s = Session::new(&setup, 1 << 20);
+            s.handshake();
+            let got = read_body(&mut s, &data, size, |s| {
+                if clean {
+                    // close_notify right behind the last records.
+                    s.client.send_close_notify();
+                } else {
+                    // The FIN alone: the end of the stream all the same (HTTP's framing
+                    // tells a cut body).
+                    s.wire.shutdown();
+                }
+            });
+            assert!(
+                got == data,
+                "buffer {size}, clean {clean}: the body differs"
+            );
+        }
+    }
+}
+
 #[test]
 fn tls12_works_too() {
     let setup = setup();
