@@ -4,16 +4,18 @@
 //! raw clients ([`connect`]) reach the server through a TLS bridge on a loopback port, so
 //! a test's bytes are the same either way.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
+use socket2::{Domain, Socket, Type};
 
 /// Whether this run of the suite speaks HTTPS (`FANPIPE_TLS=1`).
 pub fn enabled() -> bool {
@@ -135,23 +137,101 @@ pub fn server_flags() -> Vec<String> {
 }
 
 /// A plain TCP connection that reaches `server` (an HTTPS port) through a TLS client of
-/// its own: a thread on a loopback port speaks TLS to the server and plaintext to the
-/// caller. The ends are passed on: the caller's FIN becomes close_notify and a FIN; the
-/// server's close_notify or FIN becomes a FIN; a TLS error or a reset closes both ways.
+/// its own: a thread speaks TLS to the server and plaintext to the caller, whose
+/// connection it takes from the process's [`Meeting`] point. The ends are passed on: the
+/// caller's FIN becomes close_notify and a FIN; the server's close_notify or FIN becomes
+/// a FIN; a TLS error or a reset closes both ways.
 pub fn bridge(server: SocketAddr, config: Arc<ClientConfig>) -> io::Result<TcpStream> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let local = listener.local_addr()?;
+    let meeting = Meeting::get()?;
     let upstream = TcpStream::connect(server)?;
+    let caller = TcpStream::connect(meeting.addr)?;
+    let key = caller.local_addr()?;
     thread::Builder::new()
         .name("tls-bridge".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            if let Ok((plain, _)) = listener.accept() {
-                drop(listener);
-                run_bridge(plain, upstream, config);
-            }
+            run_bridge(|| meeting.take(key), upstream, config);
         })?;
-    TcpStream::connect(local)
+    Ok(caller)
+}
+
+/// One loopback listener for every bridge of the process, so that a bridge costs no port
+/// of its own: a load test bridges thousands of connections, and listeners on ephemeral
+/// ports, with the connections' own ports and their TIME_WAITs, once ran the range out.
+/// Each accepted connection goes to the bridge whose caller made it (by its address),
+/// whichever of the two comes first.
+struct Meeting {
+    addr: SocketAddr,
+    slots: Mutex<HashMap<SocketAddr, Slot>>,
+}
+
+enum Slot {
+    /// Accepted before its bridge asked for it.
+    Arrived(TcpStream),
+    /// A bridge waits for it.
+    Awaited(mpsc::Sender<TcpStream>),
+}
+
+impl Meeting {
+    fn get() -> io::Result<&'static Meeting> {
+        static MEETING: OnceLock<Meeting> = OnceLock::new();
+        if let Some(meeting) = MEETING.get() {
+            return Ok(meeting);
+        }
+        // std listens with a backlog of 128: a thousand callers connecting at once would
+        // overflow it and wait out SYN retransmits.
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        socket.listen(4096)?;
+        let listener = TcpListener::from(socket);
+        let meeting = MEETING.get_or_init(|| Meeting {
+            addr: listener.local_addr().expect("the listener's address"),
+            slots: Mutex::new(HashMap::new()),
+        });
+        if meeting.addr == listener.local_addr()? {
+            // This call made it: its listener is the one callers connect to.
+            thread::Builder::new()
+                .name("tls-bridge-meeting".into())
+                .spawn(move || {
+                    for (stream, peer) in listener.incoming().filter_map(|s| {
+                        let s = s.ok()?;
+                        let peer = s.peer_addr().ok()?;
+                        Some((s, peer))
+                    }) {
+                        meeting.arrive(peer, stream);
+                    }
+                })?;
+        }
+        Ok(meeting)
+    }
+
+    fn arrive(&self, peer: SocketAddr, stream: TcpStream) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match slots.remove(&peer) {
+            Some(Slot::Awaited(to)) => {
+                let _ = to.send(stream);
+            }
+            _ => {
+                slots.insert(peer, Slot::Arrived(stream));
+            }
+        }
+    }
+
+    /// The connection the caller at `peer` made, once accepted.
+    fn take(&self, peer: SocketAddr) -> Option<TcpStream> {
+        let waiting = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.remove(&peer) {
+                Some(Slot::Arrived(stream)) => return Some(stream),
+                _ => {
+                    let (to, from) = mpsc::channel();
+                    slots.insert(peer, Slot::Awaited(to));
+                    from
+                }
+            }
+        };
+        waiting.recv_timeout(HANDSHAKE_TIMEOUT).ok()
+    }
 }
 
 /// The bytes the TLS client wants to send, sent in order under `out`'s lock.
@@ -197,8 +277,12 @@ fn send_plaintext(
 /// How long the bridge waits for the server to finish a handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn run_bridge(plain: TcpStream, upstream: TcpStream, config: Arc<ClientConfig>) {
-    let _ = plain.set_nodelay(true);
+/// Bridges the caller's connection (`plain`, once the handshake is done) to `upstream`.
+fn run_bridge(
+    plain: impl FnOnce() -> Option<TcpStream>,
+    upstream: TcpStream,
+    config: Arc<ClientConfig>,
+) {
     let _ = upstream.set_nodelay(true);
     let name = ServerName::try_from("localhost").expect("server name");
     let mut client = ClientConnection::new(config, name).expect("TLS client");
@@ -211,6 +295,12 @@ fn run_bridge(plain: TcpStream, upstream: TcpStream, config: Arc<ClientConfig>) 
         client.complete_io(&mut io)
     };
     let _ = upstream.set_read_timeout(None);
+    // The caller's connection is taken after the handshake, which the server times from
+    // its accept: a caller slow to be accepted here delays nothing on that side.
+    let Some(plain) = plain() else {
+        return;
+    };
+    let _ = plain.set_nodelay(true);
     if handshake.is_err() || client.is_handshaking() {
         let _ = plain.shutdown(Shutdown::Both);
         let _ = upstream.shutdown(Shutdown::Both);
