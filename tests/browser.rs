@@ -458,7 +458,10 @@ fn the_progress_view_goes_waiting_sending_done() {
     let server = Server::start(&[]);
     let Some(b) = browser() else { return };
     let dir = Scratch::new("progress");
-    let data = payload(2_000_000, 13);
+    // Larger than the kernel's buffers between the server and the receiver (its send
+    // buffer grows to 4 MiB): a 2 MB body once left in them within 3 ms, the transfer
+    // ended before any progress event, and the test with it.
+    let data = payload(12_000_000, 13);
     let file = dir.0.join("slow.bin");
     std::fs::write(&file, &data).unwrap();
 
@@ -476,12 +479,12 @@ fn the_progress_view_goes_waiting_sending_done() {
         waiting,
         json!("Waiting: 0 of 1 receiver(s) here, sender here.")
     );
-    // A receiver that reads at 1 MB/s keeps the transfer running for about 2 s.
+    // A receiver that reads at 4 MB/s keeps the transfer running for about 2 s.
     let r = Curl::receive(
         &server.url("/browser-progress?n=1"),
         &dir.0,
         "slow",
-        &["--limit-rate", "1M"],
+        &["--limit-rate", "4M"],
     );
     b.wait_for(
         "return document.getElementById('watch').dataset.seen.split(',').includes('sending')",
@@ -489,7 +492,7 @@ fn the_progress_view_goes_waiting_sending_done() {
         STATE,
     );
     b.wait_for(
-        "return document.getElementById('watch-progress').textContent.includes('of 2.0 MB sent')",
+        "return document.getElementById('watch-progress').textContent.includes('of 12.0 MB sent')",
         10,
         STATE,
     );
