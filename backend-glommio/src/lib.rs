@@ -30,7 +30,7 @@ use fanpipe_core::Config;
 use fanpipe_driver::tls::{MaybeTls, TlsSession, TlsSocket};
 use fanpipe_driver::{Connection, Listen, Msg, PipeTask, Runtime, ServerState, Socket};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
-use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::{sleep, Timer};
 use glommio::{LocalExecutorBuilder, LocalExecutorPoolBuilder, Placement, PoolPlacement};
@@ -94,7 +94,7 @@ pub fn run(
         None => main.into_iter().map(|l| (l, None)).collect(),
     };
     let listeners = Arc::new(Mutex::new(listeners));
-    let mesh = MeshBuilder::full(threads, 1024);
+    let wirings = Arc::new(Mutex::new(wirings(threads)));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let placement = if threads <= cores {
         PoolPlacement::MaxSpread(threads, None)
@@ -104,8 +104,8 @@ pub fn run(
     let handles = LocalExecutorPoolBuilder::new(placement)
         .io_memory(IO_MEMORY)
         .on_all_shards(move || {
-            let (shared, listeners, mesh) = (shared.clone(), listeners.clone(), mesh.clone());
-            async move { shard(shared, listeners, mesh).await }
+            let (shared, listeners, wirings) = (shared.clone(), listeners.clone(), wirings.clone());
+            async move { shard(shared, listeners, wirings).await }
         })
         .map_err(|e| io::Error::other(e.to_string()))?;
     for result in handles.join_all() {
@@ -190,7 +190,8 @@ type Sock = MaybeTls<Party>;
 struct Core {
     shared: Arc<Shared>,
     me: usize,
-    peers: Senders<Handover>,
+    /// To each other core (`None` at this core's own index).
+    peers: Vec<Option<ConnectedSender<Handover>>>,
     pipes: RefCell<BTreeMap<PipeId, Rc<Inbox>>>,
 }
 
@@ -276,7 +277,9 @@ impl Runtime for Glommio {
         };
         let core = self.0.clone();
         glommio::spawn_local(async move {
-            let _ = core.peers.send_to(owner, handover).await;
+            if let Some(Some(to)) = core.peers.get(owner) {
+                let _ = to.send(handover).await;
+            }
         })
         .detach();
     }
@@ -311,6 +314,38 @@ impl Inbox {
     }
 }
 
+/// One core's ends of the channels between cores: to each other core, and from each.
+struct Wiring {
+    me: usize,
+    to: Vec<Option<SharedSender<Handover>>>,
+    from: Vec<SharedReceiver<Handover>>,
+}
+
+/// A channel from every core to every other, made here and moved whole into the executor
+/// that takes each wiring. Not glommio's channel mesh: its builder shares one `Rc` among
+/// the executors' threads, which clone and drop it at once as they join; under
+/// AddressSanitizer that is a use after free, and in CI it once corrupted the heap.
+fn wirings(threads: usize) -> Vec<Wiring> {
+    let mut to: Vec<Vec<Option<SharedSender<Handover>>>> = (0..threads)
+        .map(|_| (0..threads).map(|_| None).collect())
+        .collect();
+    let mut from: Vec<Vec<SharedReceiver<Handover>>> = (0..threads).map(|_| Vec::new()).collect();
+    for (a, ends) in to.iter_mut().enumerate() {
+        for (b, end) in ends.iter_mut().enumerate() {
+            if a != b {
+                let (sender, receiver) = shared_channel::new_bounded(1024);
+                *end = Some(sender);
+                from[b].push(receiver);
+            }
+        }
+    }
+    to.into_iter()
+        .zip(from)
+        .enumerate()
+        .map(|(me, (to, from))| Wiring { me, to, from })
+        .collect()
+}
+
 /// One core's listeners: the main one (HTTPS when TLS is on) and the plain one beside it.
 type Listeners = (std::net::TcpListener, Option<std::net::TcpListener>);
 
@@ -319,13 +354,33 @@ type Listeners = (std::net::TcpListener, Option<std::net::TcpListener>);
 async fn shard(
     shared: Arc<Shared>,
     listeners: Arc<Mutex<Vec<Listeners>>>,
-    mesh: MeshBuilder<Handover, Full>,
+    wirings: Arc<Mutex<Vec<Wiring>>>,
 ) -> io::Result<()> {
-    let (peers, mut inbound) = mesh
-        .join()
-        .await
-        .map_err(|e| io::Error::other(format!("cannot join the executors' mesh: {e}")))?;
-    let me = peers.peer_id();
+    let Wiring { me, to, from } = wirings
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+        .ok_or_else(|| io::Error::other("no channels left for this executor"))?;
+    // Every end connects at once: a connect waits for the other end's.
+    let to: Vec<_> = to
+        .into_iter()
+        .map(|end| end.map(|end| glommio::spawn_local(end.connect())))
+        .collect();
+    let from: Vec<_> = from
+        .into_iter()
+        .map(|end| glommio::spawn_local(end.connect()))
+        .collect();
+    let mut peers = Vec::with_capacity(to.len());
+    for end in to {
+        peers.push(match end {
+            Some(task) => Some(task.await),
+            None => None,
+        });
+    }
+    let mut inbound = Vec::with_capacity(from.len());
+    for end in from {
+        inbound.push(end.await);
+    }
     let (std_listener, std_plain) = listeners
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -341,7 +396,7 @@ async fn shard(
         peers,
         pipes: RefCell::new(BTreeMap::new()),
     }));
-    for (_, receiver) in inbound.streams() {
+    for receiver in inbound {
         let rt = rt.clone();
         glommio::spawn_local(async move {
             while let Some(h) = receiver.recv().await {
